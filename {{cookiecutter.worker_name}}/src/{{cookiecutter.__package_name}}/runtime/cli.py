@@ -1,0 +1,440 @@
+"""The worker's command line (the console script named after the worker).
+
+Every operator-facing failure is one line on stderr and a documented exit code (see
+``errors.py``); only a bug prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from .. import __version__
+from .errors import EXIT_FAILURE, EXIT_OK, InputError, WorkerError
+from .names import DESCRIPTION, WORKER_NAME
+from .settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EXIT_CODES_HELP = """exit codes:
+  0   stopped cleanly (signal drained, or retired after its lane was routed away)
+  1   unexpected error (a bug; the traceback is logged)
+  2   bad command-line usage
+  65  bad input (e.g. a payload that is not a valid job)
+  69  NATS unreachable after the bounded connect retry
+  73  stream/consumer exists with settings JetStream cannot change in place
+  77  the NATS account is not permitted to do this
+  78  invalid configuration (env var, .env, missing creds/TLS file)
+  130 a second signal cut the drain short; running jobs were handed back
+"""
+
+
+def _run_async(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run on uvloop when it is installed (it is a default dependency): ~35% more throughput."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(factory())  # type: ignore[arg-type]
+    return uvloop.run(factory())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------- run
+
+
+async def _run_worker(settings: Settings, demo: int) -> int:
+    from ..handler import handle
+    from ..job import Job
+    from .health import HealthServer
+    from .worker import Worker
+
+    done = asyncio.Event()
+    handler = _counting(handle, demo, done) if demo else handle
+    worker = Worker(settings, Job, handler)
+    health: HealthServer | None = None
+    loop = asyncio.get_running_loop()
+
+    def live() -> tuple[bool, dict[str, object]]:
+        silent = loop.time() - worker.last_activity_at
+        ok = not worker.ready.is_set() or silent < settings.liveness_stall
+        return ok, {"live": ok, "pull_silent_s": round(silent, 1)}
+
+    def ready() -> tuple[bool, dict[str, object]]:
+        connected = worker.nc is not None and worker.nc.is_connected
+        ok = connected and worker.ready.is_set() and not worker.stopping.is_set()
+        return ok, {
+            "ready": ok,
+            "connected": connected,
+            "draining": worker.stopping.is_set(),
+            "in_flight": worker.in_flight,
+        }
+
+    if settings.health_port:
+        health = HealthServer(settings.health_host, settings.health_port, live, ready)
+        await health.start()
+    demo_task = asyncio.create_task(_demo(worker, settings, demo, done)) if demo else None
+    try:
+        return await worker.run()
+    finally:
+        if demo_task is not None:
+            demo_task.cancel()
+        if health is not None:
+            await health.stop()
+
+
+def _counting(handler: Any, count: int, done: asyncio.Event) -> Any:
+    """Wrap the handler so the demo knows when ``count`` jobs were handled."""
+    handled = 0
+
+    async def wrapper(job: Any, ctx: Any) -> None:
+        nonlocal handled
+        await handler(job, ctx)
+        handled += 1
+        if handled >= count:
+            done.set()
+
+    return wrapper
+
+
+async def _demo(worker: Any, settings: Settings, count: int, done: asyncio.Event) -> None:
+    """Publish ``count`` example jobs once the worker is ready, and stop when they are done."""
+    from ..job import Job
+    from .publish import Producer
+
+    await worker.ready.wait()
+    try:
+        jobs = [
+            Job.model_validate({"id": f"demo-{uuid.uuid4().hex[:8]}-{i}"}) for i in range(count)
+        ]
+    except ValidationError as exc:
+        log.error(
+            "--demo cannot build an example Job from just an id (%s); publish your own "
+            "jobs with the 'publish' command instead",
+            exc.errors()[0]["msg"],
+        )
+        worker.stop("demo impossible")
+        return
+    async with Producer(settings, worker.nc) as producer:
+        await producer.publish_all(jobs)
+    log.info("demo: published %d jobs to %s", count, settings.ingress_subject)
+    await done.wait()
+    log.info("demo: %d jobs handled; try '%s status' next", count, WORKER_NAME)
+    worker.stop("demo finished")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.no_provision:
+        overrides["provision"] = False
+    settings = load_settings(**overrides)
+    _setup_logging(settings)
+    if not args.embedded_nats:
+        return _run_async(lambda: _run_worker(settings, args.demo))
+    from .embedded import EmbeddedNats, default_store
+
+    url = urlsplit(settings.nats_url[0])
+    port = url.port if url.hostname in ("127.0.0.1", "localhost") and url.port else 4222
+    with EmbeddedNats(default_store(), port) as server:
+        log.info(
+            "embedded nats-server with JetStream on %s (store %s)", server.url, server.store_dir
+        )
+        settings = load_settings(**overrides, nats_url=[server.url])
+        return _run_async(lambda: _run_worker(settings, args.demo))
+
+
+# --------------------------------------------------------------------------------- provision
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    _setup_logging(settings)
+
+    async def go() -> int:
+        from .connection import connect
+        from .topology import provision
+
+        nc = await connect(settings)
+        try:
+            report = await provision(nc.jetstream(), settings)
+        finally:
+            await nc.close()
+        for line in report.lines():
+            print(line)
+        return EXIT_OK
+
+    return _run_async(go)
+
+
+# --------------------------------------------------------------------------------- publish
+
+
+def _read_payload(args: argparse.Namespace) -> str:
+    if args.file is not None:
+        try:
+            return Path(args.file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot read {args.file}: {exc.strerror}") from None
+    if args.payload in (None, "-"):
+        return sys.stdin.read()
+    return str(args.payload)
+
+
+def _parse_jobs(text: str) -> list[Any]:
+    """A JSON object, a JSON array of objects, or JSON lines."""
+    from ..job import Job
+
+    text = text.strip()
+    if not text:
+        raise InputError("no job given: pass JSON as an argument, on stdin, or with --file")
+    try:
+        loaded = json.loads(text)
+        items = loaded if isinstance(loaded, list) else [loaded]
+    except json.JSONDecodeError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise InputError(f"payload is not JSON (line {exc.lineno}: {exc.msg})") from None
+    jobs = []
+    for n, item in enumerate(items, 1):
+        try:
+            jobs.append(Job.model_validate(item))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "job"
+            raise InputError(f"job {n} is not a valid Job: {where}: {first['msg']}") from None
+    return jobs
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    _setup_logging(settings)
+    text = _read_payload(args)
+    jobs = [] if args.raw else _parse_jobs(text)
+
+    async def go() -> int:
+        from .publish import Producer, publish_many
+
+        async with Producer(settings) as producer:
+            if args.raw:  # bytes as given: for testing the DLQ path with bad payloads
+                headers = {"Nats-Msg-Id": args.msg_id} if args.msg_id else None
+                acks = await publish_many(
+                    producer.js, [(settings.ingress_subject, text.encode(), headers)]
+                )
+            else:
+                acks = await producer.publish_all(jobs)
+        dups = sum(1 for a in acks if a.duplicate)
+        print(
+            f"published {len(acks) - dups} job(s) to {settings.ingress_subject}"
+            + (f" ({dups} duplicate(s) dropped by the stream)" if dups else "")
+        )
+        return EXIT_OK
+
+    return _run_async(go)
+
+
+# --------------------------------------------------------------------------------- status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    _setup_logging(settings)
+
+    async def go() -> int:
+        from .connection import connect
+        from .status import collect, render
+
+        nc = await connect(settings)
+        try:
+            report = await collect(nc, settings)
+        finally:
+            await nc.close()
+        print(json.dumps(report, indent=2) if args.json else render(report))
+        return EXIT_OK
+
+    return _run_async(go)
+
+
+# --------------------------------------------------------------------------------- dlq
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    _setup_logging(settings)
+
+    async def go() -> int:
+        from . import dlq
+        from .connection import connect
+
+        nc = await connect(settings)
+        js = nc.jetstream()
+        try:
+            if args.dlq_command == "list":
+                entries = [e async for e in dlq.iter_dead_letters(js, settings, args.limit)]
+                if args.json:
+                    print(json.dumps([e.summary for e in entries], indent=2))
+                else:
+                    _print_dlq(entries)
+            elif args.dlq_command == "replay":
+                wanted = set(args.seq or [])
+                if not wanted and not args.all:
+                    raise InputError("say which entries: --seq N [--seq M ...] or --all")
+                entries = [
+                    e
+                    async for e in dlq.iter_dead_letters(js, settings)
+                    if args.all or e.seq in wanted
+                ]
+                missing = wanted - {e.seq for e in entries}
+                if missing:
+                    raise InputError(f"no DLQ entry with seq {sorted(missing)}: see 'dlq list'")
+                count = await dlq.replay(js, settings, entries)
+                print(f"replayed {count} job(s) to {settings.ingress_subject}")
+            elif args.dlq_command == "purge":
+                if not args.yes:
+                    raise InputError("purging deletes every DLQ entry for good: add --yes")
+                print(f"purged {await dlq.purge(js, settings)} DLQ entr(ies)")
+        finally:
+            await nc.close()
+        return EXIT_OK
+
+    return _run_async(go)
+
+
+def _print_dlq(entries: Sequence[Any]) -> None:
+    if not entries:
+        print("DLQ is empty")
+        return
+    print(f"{'SEQ':>6}  {'REASON':<9}  {'TRIES':>5}  {'MSG ID':<24}  ERROR")
+    for e in entries:
+        s = e.summary
+        error = f"{s['error_type']}: {s['error']}"
+        print(
+            f"{s['dlq_seq']:>6}  {s['reason'] or '?':<9}  {s['deliveries']:>5}  "
+            f"{str(s['msg_id'] or '-')[:24]:<24}  {error[:100]}"
+        )
+
+
+# --------------------------------------------------------------------------------- health
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from .health import probe
+
+    settings = load_settings()
+    path = "/livez" if args.live else "/readyz"
+    port = args.port or settings.health_port
+    ok, body = probe(f"http://127.0.0.1:{port}{path}", timeout=args.timeout)
+    print(f"{path}: {'ok' if ok else 'FAIL'} {body}")
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def _setup_logging(settings: Settings) -> None:
+    from .logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format, lane=settings.lane, version=__version__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=WORKER_NAME,
+        description=f"{DESCRIPTION} Configuration comes from environment variables and .env.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="consume jobs until SIGTERM (drains gracefully)",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--embedded-nats",
+        action="store_true",
+        help="start a local nats-server with JetStream (store in ./.nats-data)",
+    )
+    p.add_argument(
+        "--demo",
+        type=int,
+        default=0,
+        metavar="N",
+        help="publish N example jobs once ready, and stop when they are processed",
+    )
+    p.add_argument(
+        "--no-provision",
+        action="store_true",
+        help="do not create/update streams and consumers (same as PROVISION=false)",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("provision", help="create or update the stream, consumer and DLQ")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("publish", help="publish job(s): JSON object, array or lines")
+    p.add_argument("payload", nargs="?", help="JSON; omit or '-' to read stdin")
+    p.add_argument("--file", "-f", help="read the JSON from this file")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="publish the bytes as given, unvalidated (to test the DLQ path)",
+    )
+    p.add_argument("--msg-id", help="Nats-Msg-Id for --raw")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("status", help="stream, consumer and DLQ counts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("dlq", help="inspect, replay or purge dead letters")
+    dsub = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    d = dsub.add_parser("list", help="show dead letters, oldest first")
+    d.add_argument("--limit", type=int, default=None)
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("replay", help="republish dead letters to the ingress subject")
+    d.add_argument("--seq", type=int, action="append", help="DLQ sequence (repeatable)")
+    d.add_argument("--all", action="store_true", help="replay every entry")
+    d = dsub.add_parser("purge", help="delete every dead letter")
+    d.add_argument("--yes", action="store_true", help="confirm")
+    p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("health", help="probe the running worker's health endpoint (exit 0/1)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ready", action="store_true", help="check /readyz (default)")
+    group.add_argument("--live", action="store_true", help="check /livez")
+    p.add_argument("--port", type=int, default=None, help="default: HEALTH_PORT")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except WorkerError as exc:
+        print(f"{WORKER_NAME}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        logging.getLogger(WORKER_NAME).exception("unexpected error")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Connect to NATS with the configured credentials, a bounded startup retry and clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.errors import NoServersError
+
+from .errors import NotPermittedError, UnavailableError
+from .names import WORKER_NAME
+from .settings import Settings, redact_url
+
+log = logging.getLogger(__name__)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Build a TLS context when a CA or client certificate is configured."""
+    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+        return None
+    ctx = ssl.create_default_context(
+        cafile=str(settings.nats_tls_ca) if settings.nats_tls_ca else None
+    )
+    if settings.nats_tls_cert and settings.nats_tls_key:
+        ctx.load_cert_chain(str(settings.nats_tls_cert), str(settings.nats_tls_key))
+    return ctx
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """Translate settings into ``nats.connect`` keyword arguments."""
+    opts: dict[str, Any] = {
+        "servers": settings.nats_url,
+        "name": settings.nats_name or WORKER_NAME,
+        # Reconnect forever once running: a broker restart must not kill the worker.
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "allow_reconnect": True,
+        "connect_timeout": min(2.0, settings.nats_connect_timeout),
+        "pending_size": 8 * 1024 * 1024,
+    }
+    if settings.nats_user:
+        opts["user"] = settings.nats_user
+        if settings.nats_password is not None:
+            opts["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_token is not None:
+        opts["token"] = settings.nats_token.get_secret_value()
+    if settings.nats_nkey_seed is not None:
+        opts["nkeys_seed_str"] = settings.nats_nkey_seed.get_secret_value()
+    if settings.nats_nkey_seed_file is not None:
+        opts["nkeys_seed"] = str(settings.nats_nkey_seed_file)
+    if settings.nats_creds is not None:
+        opts["user_credentials"] = str(settings.nats_creds)
+    tls = tls_context(settings)
+    if tls is not None:
+        opts["tls"] = tls
+    return opts
+
+
+async def connect(
+    settings: Settings,
+    *,
+    on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> Client:
+    """Connect, retrying for at most ``NATS_CONNECT_TIMEOUT`` seconds, then fail with one line."""
+    opts = connect_options(settings)
+    servers = ", ".join(redact_url(u) for u in settings.nats_url)
+    last_error: list[str] = []
+
+    async def error_cb(exc: Exception) -> None:
+        text = str(exc) or type(exc).__name__
+        if "authorization" in text.lower() or "permissions" in text.lower():
+            last_error.append(text)
+        log.warning("nats error: %s", text)
+
+    closing: list[Client] = []  # set once connected; a disconnect while closing is expected
+
+    async def disconnected_cb() -> None:
+        if closing and (closing[0].is_closed or closing[0].is_draining):
+            return
+        log.warning("disconnected from NATS; reconnecting")
+        if on_disconnect is not None:
+            await on_disconnect()
+
+    async def reconnected_cb() -> None:
+        log.info("reconnected to NATS")
+        if on_reconnect is not None:
+            await on_reconnect()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.nats_connect_timeout
+    delay = 0.2
+    while True:
+        try:
+            nc = await nats.connect(
+                **opts,
+                error_cb=error_cb,
+                disconnected_cb=disconnected_cb,
+                reconnected_cb=reconnected_cb,
+            )
+            closing.append(nc)
+            return nc
+        except (NoServersError, OSError, TimeoutError) as exc:
+            if any("authorization" in e.lower() for e in last_error):
+                raise NotPermittedError(
+                    f"NATS refused the credentials at {servers}: check NATS_USER/NATS_PASSWORD, "
+                    "NATS_TOKEN, NATS_NKEY_SEED or NATS_CREDS"
+                ) from None
+            if loop.time() + delay > deadline:
+                raise UnavailableError(
+                    f"cannot reach NATS at {servers} after {settings.nats_connect_timeout:g}s "
+                    f"({type(exc).__name__}): check NATS_URL and that the server is running, "
+                    "or use 'run --embedded-nats' for a local one"
+                ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        except ssl.SSLError as exc:
+            raise UnavailableError(
+                f"TLS handshake with {servers} failed ({exc.reason or exc}): check NATS_TLS_CA, "
+                "NATS_TLS_CERT and NATS_TLS_KEY"
+            ) from None

@@ -1,0 +1,178 @@
+"""The dead-letter queue: where jobs go when retrying cannot or did not help.
+
+A DLQ entry is the original payload with the original headers, plus ``Dlq-*`` headers that say
+where it came from and why it failed. The entry is published (and confirmed by the DLQ stream)
+*before* the original is terminated, so a failed DLQ publish leaves the original in the work
+queue: it is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+from nats.js.errors import NotFoundError
+
+from .. import __version__
+from .publish import publish_many
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+H_REASON = "Dlq-Reason"  # invalid | rejected | exhausted
+H_SUBJECT = "Dlq-Subject"
+H_STREAM = "Dlq-Stream"
+H_SEQUENCE = "Dlq-Sequence"
+H_DELIVERIES = "Dlq-Deliveries"
+H_ERROR_TYPE = "Dlq-Error-Type"
+H_ERROR = "Dlq-Error"
+H_VERSION = "Dlq-Worker-Version"
+H_LANE = "Dlq-Lane"
+H_TIME = "Dlq-Time"
+H_MSG_ID = "Dlq-Msg-Id"
+H_REPLAYED_FROM = "Dlq-Replayed-From"
+_MAX_ERROR = 1024
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
+
+
+def dlq_headers(
+    msg: Msg, settings: Settings, *, reason: str, error: BaseException, deliveries: int
+) -> dict[str, str]:
+    meta = msg.metadata
+    headers = dict(msg.headers or {})
+    original_id = headers.pop("Nats-Msg-Id", None)
+    headers.update(
+        {
+            H_REASON: reason,
+            H_SUBJECT: msg.subject,
+            H_STREAM: meta.stream,
+            H_SEQUENCE: str(meta.sequence.stream),
+            H_DELIVERIES: str(deliveries),
+            H_ERROR_TYPE: type(error).__name__,
+            H_ERROR: _one_line(str(error) or type(error).__name__),
+            H_VERSION: __version__,
+            H_LANE: settings.lane,
+            H_TIME: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            # One DLQ entry per stored message: a retried DLQ publish is deduplicated, while
+            # the same job failing after a replay (a new stream sequence) gets its own entry.
+            "Nats-Msg-Id": f"dlq:{meta.stream}:{meta.sequence.stream}",
+        }
+    )
+    if original_id is not None:
+        headers[H_MSG_ID] = original_id
+    return headers
+
+
+async def dead_letter(
+    js: JetStreamContext,
+    settings: Settings,
+    msg: Msg,
+    *,
+    reason: str,
+    error: BaseException,
+    deliveries: int,
+    attempts: int = 3,
+) -> bool:
+    """Publish a DLQ entry, then terminate the original. False (and nothing acked) on failure."""
+    headers = dlq_headers(msg, settings, reason=reason, error=error, deliveries=deliveries)
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            await js.publish(settings.dlq_subject, msg.data, headers=headers, timeout=5.0)
+            break
+        except Exception as exc:  # timeouts, no responders during a leader election, ...
+            if attempt == attempts:
+                log.error(
+                    "DLQ publish failed (%s); leaving stream seq %s for redelivery",
+                    type(exc).__name__,
+                    headers[H_SEQUENCE],
+                )
+                return False
+            await asyncio.sleep(delay)
+            delay *= 2
+    await msg.term()
+    return True
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One DLQ entry as the ``dlq`` command shows it."""
+
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+
+    @property
+    def summary(self) -> dict[str, object]:
+        h = self.headers
+        return {
+            "dlq_seq": self.seq,
+            "reason": h.get(H_REASON),
+            "error_type": h.get(H_ERROR_TYPE),
+            "error": h.get(H_ERROR),
+            "deliveries": int(h.get(H_DELIVERIES, "0") or 0),
+            "subject": h.get(H_SUBJECT),
+            "stream_seq": int(h.get(H_SEQUENCE, "0") or 0),
+            "msg_id": h.get(H_MSG_ID),
+            "worker_version": h.get(H_VERSION),
+            "lane": h.get(H_LANE),
+            "time": h.get(H_TIME),
+            "size": len(self.data),
+        }
+
+
+async def iter_dead_letters(
+    js: JetStreamContext, settings: Settings, limit: int | None = None
+) -> AsyncIterator[DeadLetter]:
+    """Walk the DLQ oldest first by direct sequence reads (no consumer is created)."""
+    info = await js.stream_info(settings.dlq_stream_name)
+    seq, last = info.state.first_seq, info.state.last_seq
+    seen = 0
+    while seq and seq <= last and (limit is None or seen < limit):
+        try:
+            raw: RawStreamMsg = await js.get_msg(settings.dlq_stream_name, seq=seq, next=True)
+        except NotFoundError:
+            return
+        if raw.seq is None or raw.seq > last:
+            return
+        yield DeadLetter(seq=raw.seq, data=raw.data or b"", headers=dict(raw.headers or {}))
+        seen += 1
+        seq = raw.seq + 1
+
+
+def replay_headers(entry: DeadLetter) -> dict[str, str]:
+    """Original headers for the republish; the Dlq-* bookkeeping is dropped."""
+    headers = {k: v for k, v in entry.headers.items() if not k.startswith("Dlq-")}
+    original = entry.headers.get(H_MSG_ID)
+    # A fresh dedup key per DLQ entry: the original id may still be inside the duplicate window
+    # (the replay would be silently dropped), and replaying the same entry twice stays one job.
+    headers["Nats-Msg-Id"] = f"{original or 'job'}:replay:{entry.seq}"
+    headers[H_REPLAYED_FROM] = str(entry.seq)
+    return headers
+
+
+async def replay(js: JetStreamContext, settings: Settings, entries: list[DeadLetter]) -> int:
+    """Republish entries to the ingress subject, then delete them from the DLQ."""
+    await publish_many(
+        js,
+        [(settings.ingress_subject, e.data, replay_headers(e)) for e in entries],
+    )
+    for entry in entries:
+        await js.delete_msg(settings.dlq_stream_name, entry.seq)
+    return len(entries)
+
+
+async def purge(js: JetStreamContext, settings: Settings) -> int:
+    info = await js.stream_info(settings.dlq_stream_name)
+    await js.purge_stream(settings.dlq_stream_name)
+    return int(info.state.messages)

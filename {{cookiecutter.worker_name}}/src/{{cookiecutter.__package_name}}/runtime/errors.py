@@ -1,0 +1,90 @@
+"""Errors and exit codes.
+
+Control flow raised by handlers::
+
+    HandlerSignal
+    ├── Retry    -- try again after a delay (counts toward MAX_DELIVER)
+    └── Reject   -- dead-letter now, never retry
+
+Errors the chassis reports to the operator (one line, a documented exit code)::
+
+    WorkerError
+    ├── ConfigError       -- bad setting           -> EXIT_CONFIG (78)
+    ├── UnavailableError  -- cannot reach NATS     -> EXIT_UNAVAILABLE (69)
+    ├── ProvisionError    -- stream/consumer clash -> EXIT_PROVISION (73)
+    └── InputError        -- bad CLI input         -> EXIT_DATAERR (65)
+"""
+
+from __future__ import annotations
+
+# Exit codes follow BSD sysexits.h where one fits, so supervisors can tell them apart.
+EXIT_OK = 0  # normal stop, drained on a signal, or retired after its lane was routed away
+EXIT_FAILURE = 1  # unexpected crash (a bug): the traceback is logged
+EXIT_USAGE = 2  # bad command-line usage (argparse)
+EXIT_DATAERR = 65  # bad input given to a CLI command (e.g. a publish payload that is not a job)
+EXIT_UNAVAILABLE = 69  # NATS unreachable after the bounded connect retry
+EXIT_PROVISION = 73  # stream or consumer exists with settings JetStream cannot change in place
+EXIT_NOPERM = 77  # the NATS account may not do what was asked
+EXIT_CONFIG = 78  # invalid configuration (env var, .env file, missing creds/TLS file)
+EXIT_INTERRUPTED = 130  # a second signal forced a fast stop; unfinished jobs were handed back
+
+
+class HandlerSignal(Exception):  # noqa: N818 - these are signals, not failures
+    """Base of the exceptions a handler raises to steer what happens to its job."""
+
+
+class Retry(HandlerSignal):
+    """Ask for another attempt after ``delay`` seconds (``None``: the configured backoff)."""
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        self.delay = delay
+        self.reason = reason
+
+
+class Reject(HandlerSignal):
+    """Send the job to the dead-letter queue now; retrying cannot help."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HandlerTimeoutError(Exception):
+    """The handler ran longer than HANDLER_TIMEOUT; treated like any other failure."""
+
+
+class WorkerError(Exception):
+    """An operator-facing error: printed as one line, then exit with ``exit_code``."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(WorkerError):
+    """A setting is invalid. The message names the variable and the fix."""
+
+    exit_code = EXIT_CONFIG
+
+
+class UnavailableError(WorkerError):
+    """NATS could not be reached within the bounded startup retry."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class ProvisionError(WorkerError):
+    """The stream or consumer exists with settings that cannot be changed in place."""
+
+    exit_code = EXIT_PROVISION
+
+
+class NotPermittedError(WorkerError):
+    """The NATS account is not allowed to do this."""
+
+    exit_code = EXIT_NOPERM
+
+
+class InputError(WorkerError):
+    """Input given to a CLI command is not usable."""
+
+    exit_code = EXIT_DATAERR

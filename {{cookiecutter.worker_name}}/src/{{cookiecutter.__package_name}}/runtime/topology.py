@@ -1,0 +1,254 @@
+"""Declarative, idempotent JetStream provisioning: the work stream, a consumer per lane, the DLQ.
+
+Layout (``<root>`` is the subject root, ``<lane>`` a release lane such as ``v1``)::
+
+    producers --> <root>.jobs.<type>          ingress; never names a version
+    stream    --  subject_transform <root>.jobs.>  ->  <root>.<lane>.>   (the route)
+    consumer  <worker>-<lane>  filter <root>.<lane>.>   one per lane, shared by its instances
+    DLQ       <root>.dlq.<type>   limits retention
+
+The route (which lane new work lands on) belongs to the ``route`` command. Provisioning only sets
+it when it creates the stream; afterwards it never moves it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+    SubjectTransform,
+)
+from nats.js.errors import APIError, NotFoundError
+
+from .errors import NotPermittedError, ProvisionError
+from .names import WORKER_NAME
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def route_transform(settings: Settings, lane: str) -> SubjectTransform:
+    return SubjectTransform(src=settings.ingress_filter, dest=settings.lane_filter(lane))
+
+
+def lane_of(info: StreamInfo, settings: Settings) -> str | None:
+    """The lane new work currently lands on, read from the stream's subject transform."""
+    transform = info.config.subject_transform
+    if transform is None:
+        return None
+    prefix = f"{settings.subject_root}."
+    dest = transform.dest
+    if dest.startswith(prefix) and dest.endswith(".>"):
+        return dest[len(prefix) : -2]
+    return None
+
+
+def stream_config(settings: Settings, lane: str) -> StreamConfig:
+    return StreamConfig(
+        name=settings.stream_name,
+        description=f"{WORKER_NAME} work queue",
+        subjects=[settings.ingress_filter],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        duplicate_window=settings.duplicate_window,
+        subject_transform=route_transform(settings, lane),
+        metadata={"worker": WORKER_NAME},
+    )
+
+
+def dlq_config(settings: Settings) -> StreamConfig:
+    return StreamConfig(
+        name=settings.dlq_stream_name,
+        description=f"{WORKER_NAME} dead letters",
+        subjects=[settings.dlq_filter],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        max_age=settings.dlq_max_age,
+        duplicate_window=settings.duplicate_window,
+        metadata={"worker": WORKER_NAME},
+    )
+
+
+def consumer_backoff(settings: Settings) -> list[float]:
+    """Redelivery waits after an ack timeout (a crashed or hung worker).
+
+    JetStream uses ``backoff[0]`` instead of ``ack_wait`` once backoff is set, so the schedule
+    starts at ``ack_wait`` and never waits less; it must be shorter than ``max_deliver``.
+    """
+    waits = [settings.ack_wait] + [max(settings.ack_wait, d) for d in settings.backoff]
+    return waits[: max(0, settings.max_deliver - 1)]
+
+
+def consumer_config(settings: Settings, lane: str | None = None) -> ConsumerConfig:
+    lane = lane or settings.lane
+    backoff = consumer_backoff(settings)
+    return ConsumerConfig(
+        durable_name=settings.durable if lane == settings.lane else f"{WORKER_NAME}-{lane}",
+        description=f"{WORKER_NAME} lane {lane}",
+        filter_subject=settings.lane_filter(lane),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait,
+        max_deliver=settings.max_deliver,
+        backoff=backoff or None,
+        max_ack_pending=settings.max_ack_pending,
+        max_waiting=512,
+        num_replicas=settings.stream_replicas,
+        metadata={"worker": WORKER_NAME, "lane": lane},
+    )
+
+
+# Consumer fields we own and compare; anything else the server may fill in itself.
+_CONSUMER_FIELDS = (
+    "filter_subject",
+    "ack_policy",
+    "deliver_policy",
+    "ack_wait",
+    "max_deliver",
+    "backoff",
+    "max_ack_pending",
+)
+_STREAM_FIELDS = ("subjects", "retention", "storage", "num_replicas", "duplicate_window")
+
+
+def _diff(want: object, have: object, fields: tuple[str, ...]) -> dict[str, tuple[object, object]]:
+    changes = {}
+    for name in fields:
+        new, old = getattr(want, name), getattr(have, name)
+        if new is not None and new != old:
+            changes[name] = (old, new)
+    return changes
+
+
+def _describe(changes: dict[str, tuple[object, object]]) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
+@dataclass
+class ProvisionReport:
+    """What provisioning did, for the log and the ``provision`` command's output."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    route: str | None = None
+
+    def lines(self) -> list[str]:
+        out = [f"created {x}" for x in self.created] + [f"updated {x}" for x in self.updated]
+        out += [f"unchanged {x}" for x in self.unchanged]
+        if self.route:
+            out.append(f"route: new work lands on lane {self.route}")
+        return out
+
+
+def _raise_api(exc: APIError, what: str) -> None:
+    if exc.code == 403 or "permission" in (exc.description or "").lower():
+        raise NotPermittedError(
+            f"NATS account may not manage {what} ({exc.description}): grant JetStream API "
+            "permissions for it, or set PROVISION=false and provision with an admin account"
+        ) from None
+    raise ProvisionError(f"cannot provision {what}: {exc.description} (code {exc.err_code})")
+
+
+async def ensure_stream(
+    js: JetStreamContext, want: StreamConfig, report: ProvisionReport, *, keep_route: bool
+) -> StreamInfo:
+    name = f"stream {want.name}"
+    try:
+        info = await js.stream_info(want.name or "")
+    except NotFoundError:
+        try:
+            info = await js.add_stream(want)
+        except APIError as exc:
+            _raise_api(exc, name)
+            raise
+        report.created.append(name)
+        return info
+    except APIError as exc:
+        _raise_api(exc, name)
+        raise
+    if keep_route:  # the live route is the route command's, never provisioning's
+        want.subject_transform = info.config.subject_transform
+    changes = _diff(want, info.config, _STREAM_FIELDS)
+    if want.max_age is not None and want.max_age != info.config.max_age:
+        changes["max_age"] = (info.config.max_age, want.max_age)
+    if not changes:
+        report.unchanged.append(name)
+        return info
+    if "retention" in changes or "storage" in changes:
+        raise ProvisionError(
+            f"{name} exists with {_describe(changes)}; JetStream cannot change retention or "
+            "storage in place: migrate it (or delete it when empty) and run provision again"
+        )
+    want.metadata = {**(info.config.metadata or {}), **(want.metadata or {})}
+    try:
+        info = await js.update_stream(want)
+    except APIError as exc:
+        raise ProvisionError(
+            f"{name}: cannot apply {_describe(changes)}: {exc.description}"
+        ) from None
+    report.updated.append(f"{name} ({_describe(changes)})")
+    return info
+
+
+async def ensure_consumer(
+    js: JetStreamContext, settings: Settings, report: ProvisionReport, lane: str | None = None
+) -> ConsumerInfo:
+    want = consumer_config(settings, lane)
+    durable = want.durable_name or ""
+    name = f"consumer {durable}"
+    have: ConsumerInfo | None
+    try:
+        have = await js.consumer_info(settings.stream_name, durable)
+    except NotFoundError:
+        have = None
+    except APIError as exc:
+        _raise_api(exc, name)
+        raise
+    if have is not None:
+        changes = _diff(want, have.config, _CONSUMER_FIELDS)
+        if want.backoff is None and have.config.backoff:
+            changes["backoff"] = (have.config.backoff, None)
+        if not changes:
+            report.unchanged.append(name)
+            return have
+    info: ConsumerInfo
+    try:
+        info = await js.add_consumer(settings.stream_name, want)
+    except APIError as exc:
+        if have is None:
+            _raise_api(exc, name)
+        raise ProvisionError(
+            f"{name} exists with settings JetStream cannot change in place "
+            f"({_describe(changes)}: {exc.description}); drain the lane, then delete the "
+            f"consumer ('nats consumer rm {settings.stream_name} {durable}') and provision again"
+        ) from None
+    if have is None:
+        report.created.append(name)
+    else:
+        report.updated.append(f"{name} ({_describe(changes)})")
+    return info
+
+
+async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport:
+    """Create or update everything this worker's lane needs. Safe to run any number of times."""
+    report = ProvisionReport()
+    info = await ensure_stream(js, stream_config(settings, settings.lane), report, keep_route=True)
+    report.route = lane_of(info, settings)
+    await ensure_stream(js, dlq_config(settings), report, keep_route=False)
+    await ensure_consumer(js, settings, report)
+    for line in report.lines():
+        log.info("provision: %s", line)
+    return report

@@ -1,0 +1,473 @@
+"""The processing cycle: beat, pull, process, repeat; and the graceful stop.
+
+The hot path, shaped by measurements (template ``bench/`` and ``shared/perf-notes.md``):
+
+* ``CONCURRENCY`` long-lived *slot* coroutines read straight from the pull subscription's inbox.
+  No task, queue hop or timer is created per message; a quick handler is awaited inline.
+* Pull requests are *credit*: the puller asks for exactly as many messages as there are free slots
+  (never more, so nothing prefetched waits behind a busy slot until ``ack_wait`` runs out), and
+  only once at least half of the slots (or of ``FETCH_BATCH``) are free, so the server never
+  serves one pull per freed slot. A request stays open (``expires``) and is refilled as messages
+  arrive, like nats.go's ``Consume()``.
+* Idle heartbeats on each request tell a live-but-quiet stream from a pull request that died with
+  a broker restart (nats.py #504); a dead request's credit is reclaimed and re-issued.
+* One *beat* task, not a timer per message, sends ``in_progress`` for long jobs, cancels handlers
+  past ``HANDLER_TIMEOUT`` and watches the heartbeats.
+
+Stopping (first SIGTERM/SIGINT): stop pulling; unsubscribe the inbox and hand back (nak) whatever
+was delivered but not started; let running jobs finish within ``DRAIN_TIMEOUT``, then nak the rest;
+log the counters; drain the connection. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import BaseModel, ValidationError
+
+from .. import __version__
+from .connection import connect
+from .context import JobContext
+from .dlq import dead_letter
+from .errors import EXIT_INTERRUPTED, EXIT_OK, HandlerTimeoutError, Reject, Retry
+from .settings import Settings
+from .topology import provision
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, JobContext], Awaitable[None]]
+PULL_EXPIRES = 30.0  # a pull request stays open this long on an idle stream
+PULL_HEARTBEAT = 2.0  # the server pings an idle request this often
+_NS = 1_000_000_000
+
+
+@dataclass
+class Counters:
+    """What this instance did; logged at stop and reported in heartbeats."""
+
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    handed_back: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class _Slot:
+    """One unit of concurrency. The beat reads these fields; the slot writes them."""
+
+    __slots__ = ("handler_since", "msg", "progress_at", "task", "timed_out")
+
+    def __init__(self) -> None:
+        self.msg: Msg | None = None
+        self.handler_since = 0.0  # loop time the handler started; 0.0 when not in the handler
+        self.progress_at = 0.0
+        self.timed_out = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class Worker:
+    """Consume one lane of the work stream with bounded concurrency.
+
+    ``install_signal_handlers=False`` lets tests and other programs embed the worker and stop it
+    with :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        job_model: type[BaseModel],
+        handler: Handler,
+        *,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.job_model = job_model
+        self.handler = handler
+        self.install_signal_handlers = install_signal_handlers
+        self.counters = Counters()
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self.stop_reason: str | None = None
+        self.exit_code = EXIT_OK
+        self.ready = asyncio.Event()  # bound to the consumer and pulling
+        self.stopping = asyncio.Event()
+        self._forced = asyncio.Event()
+        self._slots = [_Slot() for _ in range(settings.concurrency)]
+        self._busy = 0  # slots running a job
+        self._credit = 0  # messages requested from the server and not yet delivered
+        self._refill = max(1, min(settings.fetch_batch, settings.concurrency) // 2)
+        self._room = asyncio.Event()
+        self._activity = 0  # bumped by every delivery and status; the beat watches it
+        self._puller: asyncio.Task[None] | None = None
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self.last_activity_at = 0.0  # loop time of the last delivery or heartbeat (liveness)
+
+    @property
+    def in_flight(self) -> int:
+        return self._busy
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """First call: graceful stop. Second call: hand everything back and exit now."""
+        if self.stopping.is_set():
+            if not self._forced.is_set():
+                log.warning("second stop request (%s): handing back running jobs now", reason)
+                self._forced.set()
+            return
+        self.stop_reason = reason
+        log.info(
+            "draining (%s): no new jobs; waiting up to %gs for %d running",
+            reason,
+            self.settings.drain_timeout,
+            self._busy,
+        )
+        self.ready.clear()
+        self.stopping.set()
+        self._room.set()
+
+    async def run(self) -> int:
+        """Connect, provision, consume until stopped; return the process exit code."""
+        loop = asyncio.get_running_loop()
+        if self.install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        try:
+            self.nc = await connect(self.settings, on_reconnect=self._on_reconnect)
+            self.js = self.nc.jetstream()
+            if self.settings.provision:
+                await provision(self.js, self.settings)
+            self._psub = await self.js.pull_subscribe_bind(
+                durable=self.settings.durable, stream=self.settings.stream_name
+            )
+            log.info(
+                "started %s lane=%s consumer=%s concurrency=%d",
+                __version__,
+                self.settings.lane,
+                self.settings.durable,
+                self.settings.concurrency,
+            )
+            if not self.stopping.is_set():
+                await self._consume(self._psub)
+        finally:
+            if self.install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            if self.nc is not None and not self.nc.is_closed:
+                try:
+                    await asyncio.wait_for(self.nc.drain(), timeout=5.0)
+                except Exception:  # a dead broker must not turn a clean stop into a crash
+                    await self.nc.close()
+        log.info("stopped (%s) %s", self.stop_reason or "done", _fmt(self.counters.as_dict()))
+        return self.exit_code
+
+    async def _on_reconnect(self) -> None:
+        # Pull requests parked on the old connection may be gone with it (nats.py #504):
+        # reclaim their credit and ask again at once instead of waiting for heartbeats to lapse.
+        self._reset_credit("reconnected")
+
+    def _reset_credit(self, why: str) -> None:
+        if self._credit:
+            log.info("re-issuing pull requests (%s)", why)
+        self._credit = 0
+        self._room.set()
+
+    async def _consume(self, psub: JetStreamContext.PullSubscription) -> None:
+        sub = psub._sub  # noqa: SLF001 - the inbox subscription behind the pull consumer
+        assert sub is not None
+        # Credit bounds what the inbox can hold; the slots read it directly and do not maintain
+        # nats-py's byte counter, so its slow-consumer byte limit is switched off (0).
+        sub._pending_bytes_limit = 0  # noqa: SLF001
+        inbox: asyncio.Queue[Msg] = sub._pending_queue  # noqa: SLF001
+        for slot in self._slots:
+            slot.task = asyncio.create_task(self._run_slot(slot, inbox))
+        beat = asyncio.create_task(self._beat())
+        self._puller = asyncio.create_task(self._pull(psub))
+        self.last_activity_at = asyncio.get_running_loop().time()
+        self.ready.set()
+        try:
+            await self.stopping.wait()
+            self._puller.cancel()
+            for slot in self._slots:  # idle slots stop waiting for deliveries
+                if slot.msg is None and slot.task is not None:
+                    slot.task.cancel()
+            await self._hand_back_unstarted(psub, inbox)
+            await self._drain_slots()
+        finally:
+            tasks = [beat, self._puller, *(s.task for s in self._slots if s.task)]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ----------------------------------------------------------------------------- pulling
+
+    async def _pull(self, psub: JetStreamContext.PullSubscription) -> None:
+        """Keep outstanding pull requests equal to the free slots, in chunks of >= _refill."""
+        nc = self.nc
+        assert nc is not None
+        subject, reply = psub._nms, psub._deliver  # noqa: SLF001
+        concurrency, batch_max = self.settings.concurrency, self.settings.fetch_batch
+        expires, heartbeat = int(PULL_EXPIRES * _NS), int(PULL_HEARTBEAT * _NS)
+        while not self.stopping.is_set():
+            free = concurrency - self._busy - self._credit
+            if free < self._refill:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            batch = min(free, batch_max)
+            request = json.dumps({"batch": batch, "expires": expires, "idle_heartbeat": heartbeat})
+            try:
+                await nc.publish(subject, request.encode(), reply=reply)
+            except Exception as exc:  # closed or stalled connection: wait for the reconnect
+                log.warning("pull request failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._credit += batch
+
+    def _on_status(self, msg: Msg) -> None:
+        """A status message ends (or pings) one of our pull requests."""
+        headers = msg.headers or {}
+        code = headers.get("Status", "")
+        self.last_activity_at = asyncio.get_running_loop().time()
+        if code == "100":
+            return  # idle heartbeat: the request is alive
+        pending = headers.get("Nats-Pending-Messages")
+        if pending is not None:
+            self._credit = max(0, self._credit - int(pending))
+        else:
+            self._credit = 0
+        self._room.set()
+        if code not in ("404", "408"):
+            description = headers.get("Description", "")
+            log.warning("pull request ended: %s %s", code, description)
+            if "deleted" in description.lower():
+                asyncio.get_running_loop().create_task(self._reprovision())
+
+    async def _reprovision(self) -> None:
+        if self.settings.provision and self.js is not None and not self.stopping.is_set():
+            try:
+                await provision(self.js, self.settings)
+            except Exception as exc:
+                log.warning("re-provision failed: %s", exc)
+
+    # ----------------------------------------------------------------------------- processing
+
+    async def _run_slot(self, slot: _Slot, inbox: asyncio.Queue[Msg]) -> None:
+        get = inbox.get
+        process = self._process
+        loop = asyncio.get_running_loop()
+        stopping = self.stopping
+        while not stopping.is_set():
+            msg = await get()
+            self._activity += 1
+            if not msg.reply:  # a status message, not a job
+                self._on_status(msg)
+                continue
+            if self._credit:
+                self._credit -= 1
+            if stopping.is_set():  # delivered after the stop: never started
+                await self._nak_all([msg])
+                return
+            self._busy += 1
+            slot.msg = msg
+            try:
+                await process(msg, slot, loop)
+            finally:
+                slot.msg = None
+                slot.handler_since = 0.0
+                self._busy -= 1
+                if not self._room.is_set():
+                    self._room.set()
+
+    async def _process(self, msg: Msg, slot: _Slot, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            job = self.job_model.model_validate_json(msg.data)
+        except ValidationError as exc:
+            await self._dead_letter(msg, "invalid", exc)
+            return
+        slot.handler_since = slot.progress_at = loop.time()
+        try:
+            await self.handler(job, JobContext(msg))
+        except asyncio.CancelledError:
+            slot.handler_since = 0.0
+            if not slot.timed_out:
+                raise
+            slot.timed_out = False
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            limit = self.settings.handler_timeout
+            await self._failed(msg, HandlerTimeoutError(f"handler ran longer than {limit:g}s"))
+        except Retry as exc:
+            slot.handler_since = 0.0
+            await self._retry(msg, exc.delay, exc)
+        except Reject as exc:
+            slot.handler_since = 0.0
+            await self._dead_letter(msg, "rejected", exc)
+        except Exception as exc:
+            slot.handler_since = 0.0
+            await self._failed(msg, exc)
+        else:
+            slot.handler_since = 0.0
+            await msg.ack()
+            self.counters.processed += 1
+
+    async def _failed(self, msg: Msg, exc: BaseException) -> None:
+        self.counters.failed += 1
+        await self._retry(msg, None, exc)
+
+    async def _retry(self, msg: Msg, delay: float | None, exc: BaseException) -> None:
+        attempt = int(msg.metadata.num_delivered or 1)
+        if attempt >= self.settings.max_deliver:
+            await self._dead_letter(msg, "exhausted", exc, attempt)
+            return
+        if delay is None:
+            backoff = self.settings.backoff
+            delay = backoff[min(attempt, len(backoff)) - 1]
+        log.warning(
+            "job failed, retry in %gs (attempt %d of %d): %s: %s",
+            delay,
+            attempt,
+            self.settings.max_deliver,
+            type(exc).__name__,
+            exc,
+        )
+        await msg.nak(delay=delay)
+        self.counters.retried += 1
+
+    async def _dead_letter(
+        self, msg: Msg, reason: str, exc: BaseException, attempt: int | None = None
+    ) -> None:
+        assert self.js is not None
+        deliveries = attempt or int(msg.metadata.num_delivered or 1)
+        if await dead_letter(
+            self.js, self.settings, msg, reason=reason, error=exc, deliveries=deliveries
+        ):
+            self.counters.dead_lettered += 1
+            log.warning(
+                "job dead-lettered (%s after %d deliveries): %s: %s",
+                reason,
+                deliveries,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            await msg.nak(delay=self.settings.backoff[0])
+
+    # ----------------------------------------------------------------------------- the beat
+
+    async def _beat(self) -> None:
+        """Progress heartbeats, handler timeouts and pull-request liveness, for all slots."""
+        loop = asyncio.get_running_loop()
+        progress_every = max(0.5, self.settings.ack_wait / 3)
+        timeout = self.settings.handler_timeout
+        tick = max(0.05, min(1.0, progress_every / 2, timeout / 4))
+        seen = self._activity
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            if self._activity != seen:
+                seen = self._activity
+                self.last_activity_at = now
+            elif self._credit and now - self.last_activity_at > 3 * PULL_HEARTBEAT:
+                self.last_activity_at = now
+                self._reset_credit("pull request went silent")
+            for slot in self._slots:
+                since, msg = slot.handler_since, slot.msg
+                if not since or msg is None:
+                    continue
+                if now - since > timeout and not slot.timed_out and slot.task is not None:
+                    slot.timed_out = True
+                    slot.task.cancel()
+                elif now - slot.progress_at >= progress_every:
+                    slot.progress_at = now
+                    try:
+                        await msg.in_progress()
+                    except Exception as exc:  # disconnected: the next beat tries again
+                        log.debug("in_progress failed: %s", exc)
+
+    # ----------------------------------------------------------------------------- stopping
+
+    async def _nak_all(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            try:
+                await msg.nak()
+                self.counters.handed_back += 1
+            except Exception as exc:
+                log.warning("could not hand back a job (%s); it returns after ack_wait", exc)
+
+    async def _hand_back_unstarted(
+        self, psub: JetStreamContext.PullSubscription, inbox: asyncio.Queue[Msg]
+    ) -> None:
+        """Nak everything delivered but not started, including what is still on the wire.
+
+        UNSUB, then a round trip: once the PONG is back the server has sent all it ever will to
+        this inbox, so what the inbox holds then is the complete set to hand back.
+        """
+        nc, sub = self.nc, psub._sub  # noqa: SLF001
+        if nc is not None and sub is not None and nc.is_connected:
+            try:
+                await nc._send_unsubscribe(sub._id)  # noqa: SLF001 - keep the local queue
+                await nc.flush(timeout=2)
+            except Exception as exc:
+                log.debug("inbox unsubscribe incomplete: %s", exc)
+        unstarted = []
+        while not inbox.empty():
+            msg = inbox.get_nowait()
+            if msg.reply:
+                unstarted.append(msg)
+        if unstarted:
+            log.info("handing back %d delivered but unstarted job(s)", len(unstarted))
+            await self._nak_all(unstarted)
+        try:
+            await psub.unsubscribe()  # forget it locally, so the connection drain skips it
+        except Exception as exc:
+            log.debug("inbox already gone: %s", exc)
+
+    async def _drain_slots(self) -> None:
+        """Let running jobs finish within DRAIN_TIMEOUT; then hand the rest back."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        pending: set[asyncio.Future[Any]] = {
+            s.task for s in self._slots if s.task is not None and not s.task.done()
+        }
+        forced: asyncio.Future[Any] = asyncio.ensure_future(self._forced.wait())
+        while pending and not forced.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            _, pending = await asyncio.wait(
+                {*pending, forced}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(forced)
+        forced.cancel()
+        leftovers = [s.msg for s in self._slots if s.msg is not None]
+        if not leftovers:
+            return
+        log.warning(
+            "drain %s: handing back %d running job(s)",
+            "cut short" if self._forced.is_set() else "timed out",
+            len(leftovers),
+        )
+        for slot in self._slots:
+            if slot.task is not None and slot.msg is not None:
+                slot.task.cancel()
+        await self._nak_all([m for m in leftovers if m is not None])
+        if self._forced.is_set():
+            self.exit_code = EXIT_INTERRUPTED
+
+
+def _fmt(counters: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in counters.items())
