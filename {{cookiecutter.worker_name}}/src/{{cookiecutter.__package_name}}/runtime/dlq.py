@@ -20,6 +20,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from .. import __version__
+from .errors import describe
 from .publish import publish_many
 from .settings import Settings
 
@@ -37,12 +38,6 @@ H_LANE = "Dlq-Lane"
 H_TIME = "Dlq-Time"
 H_MSG_ID = "Dlq-Msg-Id"
 H_REPLAYED_FROM = "Dlq-Replayed-From"
-_MAX_ERROR = 1024
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
 
 
 def dlq_headers(
@@ -59,7 +54,7 @@ def dlq_headers(
             H_SEQUENCE: str(meta.sequence.stream),
             H_DELIVERIES: str(deliveries),
             H_ERROR_TYPE: type(error).__name__,
-            H_ERROR: _one_line(str(error) or type(error).__name__),
+            H_ERROR: describe(error),
             H_VERSION: __version__,
             H_LANE: settings.lane,
             H_TIME: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -17,6 +17,8 @@ Errors the chassis reports to the operator (one line, a documented exit code)::
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 # Exit codes follow BSD sysexits.h where one fits, so supervisors can tell them apart.
 EXIT_OK = 0  # normal stop, drained on a signal, or retired after its lane was routed away
 EXIT_FAILURE = 1  # unexpected crash (a bug): the traceback is logged
@@ -88,3 +90,19 @@ class InputError(WorkerError):
     """Input given to a CLI command is not usable."""
 
     exit_code = EXIT_DATAERR
+
+
+def describe(exc: BaseException, limit: int = 1024) -> str:
+    """One line about an error, for logs and DLQ headers (pydantic's report is multi-line)."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False, include_input=False)
+        parts = [
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in errors[:3]
+        ]
+        if len(errors) > 3:
+            parts.append(f"and {len(errors) - 3} more")
+        text = "; ".join(parts)
+    else:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -38,7 +38,7 @@ from .. import __version__
 from .connection import connect
 from .context import JobContext
 from .dlq import dead_letter
-from .errors import EXIT_INTERRUPTED, EXIT_OK, HandlerTimeoutError, Reject, Retry
+from .errors import EXIT_INTERRUPTED, EXIT_OK, HandlerTimeoutError, Reject, Retry, describe
 from .settings import Settings
 from .topology import provision
 
@@ -342,7 +342,7 @@ class Worker:
             attempt,
             self.settings.max_deliver,
             type(exc).__name__,
-            exc,
+            describe(exc),
         )
         await msg.nak(delay=delay)
         self.counters.retried += 1
@@ -361,7 +361,7 @@ class Worker:
                 reason,
                 deliveries,
                 type(exc).__name__,
-                exc,
+                describe(exc),
             )
         else:
             await msg.nak(delay=self.settings.backoff[0])
