@@ -111,6 +111,7 @@ class Worker:
         self._room = asyncio.Event()
         self._activity = 0  # bumped by every delivery and status; the beat watches it
         self._puller: asyncio.Task[None] | None = None
+        self._log_jobs = log.isEnabledFor(logging.DEBUG)  # decided once, not per message
         self._psub: JetStreamContext.PullSubscription | None = None
         self.last_activity_at = 0.0  # loop time of the last delivery or heartbeat (liveness)
 
@@ -323,6 +324,21 @@ class Worker:
             slot.handler_since = 0.0
             await msg.ack()
             self.counters.processed += 1
+            if self._log_jobs:
+                self._log_job_done(msg)
+
+    def _log_job_done(self, msg: Msg) -> None:
+        meta = msg.metadata
+        headers = msg.headers or {}
+        log.debug(
+            "job done",
+            extra={
+                "job_id": headers.get("Nats-Msg-Id"),
+                "subject": msg.subject,
+                "stream_seq": meta.sequence.stream,
+                "attempt": meta.num_delivered,
+            },
+        )
 
     async def _failed(self, msg: Msg, exc: BaseException) -> None:
         self.counters.failed += 1

@@ -1,0 +1,7 @@
+"""``python -m <package>`` runs the same CLI as the console script."""
+
+import sys
+
+from .runtime.cli import main
+
+sys.exit(main())
