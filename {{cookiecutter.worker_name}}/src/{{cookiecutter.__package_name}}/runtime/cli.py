@@ -34,6 +34,7 @@ EXIT_CODES_HELP = """exit codes:
   65  bad input (e.g. a payload that is not a valid job)
   69  NATS unreachable after the bounded connect retry
   73  stream/consumer exists with settings JetStream cannot change in place
+  75  route refused: no live instance of the target lane (start it, or --force)
   77  the NATS account is not permitted to do this
   78  invalid configuration (env var, .env, missing creds/TLS file)
   130 a second signal cut the drain short; running jobs were handed back
@@ -55,41 +56,21 @@ def _run_async(factory: Callable[[], Awaitable[T]]) -> T:
 async def _run_worker(settings: Settings, demo: int) -> int:
     from ..handler import handle
     from ..job import Job
-    from .health import HealthServer
-    from .worker import Worker
+    from .app import serve
 
+    if not demo:
+        return await serve(settings, Job, handle)
     done = asyncio.Event()
-    handler = _counting(handle, demo, done) if demo else handle
-    worker = Worker(settings, Job, handler)
-    health: HealthServer | None = None
-    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
 
-    def live() -> tuple[bool, dict[str, object]]:
-        silent = loop.time() - worker.last_activity_at
-        ok = not worker.ready.is_set() or silent < settings.liveness_stall
-        return ok, {"live": ok, "pull_silent_s": round(silent, 1)}
+    def launch_demo(worker: Any) -> None:
+        tasks.append(asyncio.create_task(_demo(worker, settings, demo, done)))
 
-    def ready() -> tuple[bool, dict[str, object]]:
-        connected = worker.nc is not None and worker.nc.is_connected
-        ok = connected and worker.ready.is_set() and not worker.stopping.is_set()
-        return ok, {
-            "ready": ok,
-            "connected": connected,
-            "draining": worker.stopping.is_set(),
-            "in_flight": worker.in_flight,
-        }
-
-    if settings.health_port:
-        health = HealthServer(settings.health_host, settings.health_port, live, ready)
-        await health.start()
-    demo_task = asyncio.create_task(_demo(worker, settings, demo, done)) if demo else None
     try:
-        return await worker.run()
+        return await serve(settings, Job, _counting(handle, demo, done), on_worker=launch_demo)
     finally:
-        if demo_task is not None:
-            demo_task.cancel()
-        if health is not None:
-            await health.stop()
+        for task in tasks:
+            task.cancel()
 
 
 def _counting(handler: Any, count: int, done: asyncio.Event) -> Any:
@@ -161,7 +142,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         from .connection import connect
-        from .topology import provision
+        from .provision import provision
 
         nc = await connect(settings)
         try:
@@ -259,6 +240,73 @@ def cmd_status(args: argparse.Namespace) -> int:
         finally:
             await nc.close()
         print(json.dumps(report, indent=2) if args.json else render(report))
+        return EXIT_OK
+
+    return _run_async(go)
+
+
+# --------------------------------------------------------------------------------- route
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    _setup_logging(settings)
+    if args.lane and args.rollback:
+        raise InputError("give a lane or --rollback, not both")
+
+    async def go() -> int:
+        from . import lanes
+        from .connection import connect
+
+        nc = await connect(settings)
+        try:
+            js = nc.jetstream()
+            if not args.lane and not args.rollback:
+                current = await lanes.current_lane(js, settings)
+                changes = await lanes.history(js, settings)
+                if args.json:
+                    print(
+                        json.dumps(
+                            {"current": current, "history": [c.__dict__ for c in changes]}, indent=2
+                        )
+                    )
+                else:
+                    print(f"new work -> lane {current}")
+                    if changes:
+                        print(f"\n{'WHEN':<21} {'FROM':<6} {'TO':<6} {'BY':<28} NOTE")
+                    for c in changes:
+                        print(
+                            f"{c.at:<21} {c.previous or '-':<6} {c.lane:<6} "
+                            f"{c.by[:28]:<28} {c.note}"
+                        )
+                return EXIT_OK
+            target = args.lane or await lanes.rollback_target(js, settings)
+            result = await lanes.switch(
+                nc,
+                settings,
+                target,
+                force=args.force,
+                take_backlog=args.take_backlog,
+                note="rollback" if args.rollback else (args.note or ""),
+            )
+        finally:
+            await nc.close()
+        if args.json:
+            print(json.dumps(result.__dict__))
+        elif not result.changed:
+            print(f"route already points at lane {result.lane}: nothing changed")
+        else:
+            print(f"new work -> lane {result.lane} (was {result.previous})")
+            if args.take_backlog:
+                print(
+                    f"moved {result.moved} waiting job(s) from lane {result.previous}"
+                    + (
+                        f"; {result.left_in_flight} still held by lane {result.previous} "
+                        "workers (they finish them there)"
+                        if result.left_in_flight
+                        else ""
+                    )
+                )
         return EXIT_OK
 
     return _run_async(go)
@@ -398,6 +446,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="stream, consumer and DLQ counts")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "route",
+        help="show or switch the lane that receives new work",
+        description="Without arguments: the current lane and the history of switches. "
+        "With a lane: route new work to it (atomically, on the server). Old lanes keep their "
+        "backlog and their workers retire once it is done.",
+    )
+    p.add_argument("lane", nargs="?", help="lane to route new work to, e.g. v2")
+    p.add_argument("--rollback", action="store_true", help="route back to the previous lane")
+    p.add_argument("--force", action="store_true", help="switch even with no live instance")
+    p.add_argument(
+        "--take-backlog",
+        action="store_true",
+        help="also move the old lane's waiting jobs onto the new lane",
+    )
+    p.add_argument("--note", help="free text recorded in the route history")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("dlq", help="inspect, replay or purge dead letters")
     dsub = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")

@@ -152,6 +152,8 @@ def replay_headers(entry: DeadLetter) -> dict[str, str]:
     # A fresh dedup key per DLQ entry: the original id may still be inside the duplicate window
     # (the replay would be silently dropped), and replaying the same entry twice stays one job.
     headers["Nats-Msg-Id"] = f"{original or 'job'}:replay:{entry.seq}"
+    if original:
+        headers.setdefault("Job-Id", original)
     headers[H_REPLAYED_FROM] = str(entry.seq)
     return headers
 

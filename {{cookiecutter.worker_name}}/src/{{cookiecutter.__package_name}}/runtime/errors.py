@@ -12,6 +12,8 @@ Errors the chassis reports to the operator (one line, a documented exit code)::
     ├── ConfigError       -- bad setting           -> EXIT_CONFIG (78)
     ├── UnavailableError  -- cannot reach NATS     -> EXIT_UNAVAILABLE (69)
     ├── ProvisionError    -- stream/consumer clash -> EXIT_PROVISION (73)
+    ├── RouteRefusedError -- no live target lane   -> EXIT_REFUSED (75)
+    ├── NotPermittedError -- account not allowed   -> EXIT_NOPERM (77)
     └── InputError        -- bad CLI input         -> EXIT_DATAERR (65)
 """
 
@@ -26,6 +28,7 @@ EXIT_USAGE = 2  # bad command-line usage (argparse)
 EXIT_DATAERR = 65  # bad input given to a CLI command (e.g. a publish payload that is not a job)
 EXIT_UNAVAILABLE = 69  # NATS unreachable after the bounded connect retry
 EXIT_PROVISION = 73  # stream or consumer exists with settings JetStream cannot change in place
+EXIT_REFUSED = 75  # route refused: the target lane has no live instance (retry, or --force)
 EXIT_NOPERM = 77  # the NATS account may not do what was asked
 EXIT_CONFIG = 78  # invalid configuration (env var, .env file, missing creds/TLS file)
 EXIT_INTERRUPTED = 130  # a second signal forced a fast stop; unfinished jobs were handed back
@@ -78,6 +81,12 @@ class ProvisionError(WorkerError):
     """The stream or consumer exists with settings that cannot be changed in place."""
 
     exit_code = EXIT_PROVISION
+
+
+class RouteRefusedError(WorkerError):
+    """A route switch would send new work to a lane with nobody to do it."""
+
+    exit_code = EXIT_REFUSED
 
 
 class NotPermittedError(WorkerError):

@@ -7,7 +7,9 @@ that names the variable and the problem, and never echoes a secret's value.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -36,6 +38,12 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.rpartition("://")
     _userinfo, at, host = rest.rpartition("@")
     return f"{scheme}{sep}***@{host}" if at else url
+
+
+def default_instance_id() -> str:
+    """Hostname (the pod name on Kubernetes) plus pid: unique per process, readable in status."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40]
+    return f"{host}-{os.getpid()}"
 
 
 def _split_csv(value: object) -> object:
@@ -94,6 +102,20 @@ class Settings(BaseSettings):
     handler_timeout: float = Field(default=300.0, gt=0, le=86_400)
     drain_timeout: float = Field(default=25.0, ge=0, le=3600)
 
+    # Lanes, retirement and the registry
+    instance_id: str = Field(default_factory=default_instance_id)
+    heartbeat_interval: float = Field(default=5.0, gt=0, le=300)
+    instance_ttl: float = Field(
+        default=15.0, gt=0, le=3600, description="A silent instance leaves the registry after this."
+    )
+    auto_retire: bool = Field(
+        default=True, description="Exit 0 once this lane is routed away from and drained."
+    )
+    retire_grace: float = Field(default=10.0, ge=0, le=3600)
+    route_check_interval: float = Field(
+        default=15.0, gt=0, le=3600, description="Fallback poll; route changes are pushed."
+    )
+
     # Operations
     health_port: int = Field(
         default=8080, ge=0, le=65535, description="HTTP port for /livez and /readyz; 0 = off."
@@ -145,7 +167,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a comma-separated list of positive seconds, e.g. 1,5,30")
         return delays
 
-    @field_validator("subject_root", "job_type", "lane")
+    @field_validator("subject_root", "job_type", "lane", "instance_id")
     @classmethod
     def _check_token(cls, value: str) -> str:
         if not _TOKEN.match(value):
@@ -178,6 +200,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"MAX_ACK_PENDING ({self.max_ack_pending}) must be >= CONCURRENCY "
                 f"({self.concurrency}), or instances would starve each other"
+            )
+        if self.instance_ttl <= self.heartbeat_interval:
+            raise ValueError(
+                f"INSTANCE_TTL ({self.instance_ttl:g}) must be longer than HEARTBEAT_INTERVAL "
+                f"({self.heartbeat_interval:g}), or live instances would flicker out of status"
             )
         if self.stream_name == self.dlq_stream_name:
             raise ValueError("STREAM_NAME and DLQ_STREAM_NAME must differ")

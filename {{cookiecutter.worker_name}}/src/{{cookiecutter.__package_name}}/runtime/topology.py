@@ -240,15 +240,3 @@ async def ensure_consumer(
     else:
         report.updated.append(f"{name} ({_describe(changes)})")
     return info
-
-
-async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport:
-    """Create or update everything this worker's lane needs. Safe to run any number of times."""
-    report = ProvisionReport()
-    info = await ensure_stream(js, stream_config(settings, settings.lane), report, keep_route=True)
-    report.route = lane_of(info, settings)
-    await ensure_stream(js, dlq_config(settings), report, keep_route=False)
-    await ensure_consumer(js, settings, report)
-    for line in report.lines():
-        log.info("provision: %s", line)
-    return report

@@ -39,12 +39,13 @@ from .connection import connect
 from .context import JobContext
 from .dlq import dead_letter
 from .errors import EXIT_INTERRUPTED, EXIT_OK, HandlerTimeoutError, Reject, Retry, describe
+from .provision import provision
 from .settings import Settings
-from .topology import provision
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, JobContext], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
 PULL_EXPIRES = 30.0  # a pull request stays open this long on an idle stream
 PULL_HEARTBEAT = 2.0  # the server pings an idle request this often
 _NS = 1_000_000_000
@@ -114,10 +115,24 @@ class Worker:
         self._log_jobs = log.isEnabledFor(logging.DEBUG)  # decided once, not per message
         self._psub: JetStreamContext.PullSubscription | None = None
         self.last_activity_at = 0.0  # loop time of the last delivery or heartbeat (liveness)
+        self.retiring = False  # set by the lane watcher once this lane is routed away from
+        # Extension points for the registry, the lane watcher and health (see app.py):
+        self.started_hooks: list[Hook] = []  # after connect+bind, before the first pull
+        self.closing_hooks: list[Hook] = []  # after the drain, before the connection closes
+        self.reconnect_hooks: list[Callable[[], None]] = []
 
     @property
     def in_flight(self) -> int:
         return self._busy
+
+    @property
+    def state(self) -> str:
+        """starting -> running (or retiring) -> draining; the registry adds 'stopped'."""
+        if self.stopping.is_set():
+            return "draining"
+        if not self.ready.is_set():
+            return "starting"
+        return "retiring" if self.retiring else "running"
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -160,9 +175,16 @@ class Worker:
                 self.settings.durable,
                 self.settings.concurrency,
             )
+            for hook in self.started_hooks:
+                await hook()
             if not self.stopping.is_set():
                 await self._consume(self._psub)
         finally:
+            for closing in reversed(self.closing_hooks):
+                try:
+                    await closing()
+                except Exception as exc:  # a failed final heartbeat must not hide the exit
+                    log.warning("shutdown step failed: %s", describe(exc))
             if self.install_signal_handlers:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
@@ -178,6 +200,8 @@ class Worker:
         # Pull requests parked on the old connection may be gone with it (nats.py #504):
         # reclaim their credit and ask again at once instead of waiting for heartbeats to lapse.
         self._reset_credit("reconnected")
+        for hook in self.reconnect_hooks:
+            hook()
 
     def _reset_credit(self, why: str) -> None:
         if self._credit:
@@ -333,7 +357,7 @@ class Worker:
         log.debug(
             "job done",
             extra={
-                "job_id": headers.get("Nats-Msg-Id"),
+                "job_id": headers.get("Job-Id") or headers.get("Nats-Msg-Id"),
                 "subject": msg.subject,
                 "stream_seq": meta.sequence.stream,
                 "attempt": meta.num_delivered,

@@ -1,0 +1,249 @@
+"""Release lanes and the route: which lane new work lands on, and how it moves.
+
+The route *is* the work stream's subject transform (``<root>.jobs.>`` -> ``<root>.<lane>.>``), so
+switching it is one atomic ``update_stream`` on the server and producers never notice. Each
+stored message keeps the lane it landed on, so an old lane drains exactly its own backlog.
+
+A small KV bucket keeps the history of switches (when, from what, to what, by whom); the stream
+config stays the source of truth for the current lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import socket
+import time
+from dataclasses import asdict, dataclass
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
+
+from .errors import RouteRefusedError, WorkerError
+from .names import WORKER_NAME
+from .publish import publish_many
+from .registry import discover
+from .settings import Settings
+from .topology import lane_of, route_transform
+
+log = logging.getLogger(__name__)
+ROUTE_KEY = "route"
+MOVED_FROM = "Moved-From-Lane"
+
+
+def route_bucket(settings: Settings) -> str:
+    return f"{settings.stream_name}_ROUTE"
+
+
+def consumer_for(lane: str) -> str:
+    return f"{WORKER_NAME}-{lane}"
+
+
+@dataclass(frozen=True)
+class RouteChange:
+    """One entry of the route history."""
+
+    lane: str
+    previous: str | None
+    at: str
+    by: str
+    note: str = ""
+
+    @classmethod
+    def now(cls, lane: str, previous: str | None, note: str = "") -> RouteChange:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "unknown"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return cls(lane, previous, stamp, f"{user}@{socket.gethostname()}", note)
+
+
+async def ensure_route_bucket(js: JetStreamContext, settings: Settings) -> bool:
+    """Create the route-history bucket if missing; True when it was created."""
+    try:
+        await js.key_value(route_bucket(settings))
+        return False
+    except BucketNotFoundError:
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=route_bucket(settings),
+                history=64,
+                storage=StorageType.FILE,
+                replicas=settings.stream_replicas,
+                description=f"{WORKER_NAME} route history",
+            )
+        )
+        return True
+
+
+async def record(js: JetStreamContext, settings: Settings, change: RouteChange) -> None:
+    kv = await js.key_value(route_bucket(settings))
+    await kv.put(ROUTE_KEY, json.dumps(asdict(change)).encode())
+
+
+async def record_first(js: JetStreamContext, settings: Settings, change: RouteChange) -> None:
+    """Record the initial route once, even when several instances provision at the same time."""
+    kv = await js.key_value(route_bucket(settings))
+    with contextlib.suppress(KeyWrongLastSequenceError):
+        await kv.create(ROUTE_KEY, json.dumps(asdict(change)).encode())
+
+
+async def history(js: JetStreamContext, settings: Settings) -> list[RouteChange]:
+    """Oldest first; empty when nothing was recorded yet."""
+    try:
+        kv = await js.key_value(route_bucket(settings))
+        entries = await kv.history(ROUTE_KEY)
+    except (BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError):
+        return []
+    changes = []
+    for entry in entries:
+        if entry.value:
+            try:
+                changes.append(RouteChange(**json.loads(entry.value)))
+            except (TypeError, ValueError):
+                log.warning(
+                    "ignoring an unreadable route-history entry (revision %s)", entry.revision
+                )
+    return changes
+
+
+async def current_lane(js: JetStreamContext, settings: Settings) -> str | None:
+    return lane_of(await js.stream_info(settings.stream_name), settings)
+
+
+@dataclass
+class SwitchResult:
+    """What ``route <lane>`` did."""
+
+    lane: str
+    previous: str | None
+    changed: bool
+    moved: int = 0
+    left_in_flight: int = 0
+
+
+async def switch(
+    nc: Client,
+    settings: Settings,
+    target: str,
+    *,
+    force: bool = False,
+    take_backlog: bool = False,
+    note: str = "",
+    move_timeout: float = 60.0,
+) -> SwitchResult:
+    """Route new work to ``target``. Refuses when no instance of that lane is alive."""
+    js = nc.jetstream()
+    info = await js.stream_info(settings.stream_name)
+    previous = lane_of(info, settings)
+    if previous == target:
+        log.info("route already points at lane %s: nothing to do", target)
+        return SwitchResult(target, previous, changed=False)
+    if not force:
+        alive = [
+            i
+            for i in await discover(nc, settings)
+            if i.get("lane") == target and i.get("state") in ("starting", "running", "retiring")
+        ]
+        if not alive:
+            raise RouteRefusedError(
+                f"no live instance of lane {target}: start workers with LANE={target} first "
+                "(or pass --force to route anyway; jobs then wait in the stream)"
+            )
+    try:
+        await js.consumer_info(settings.stream_name, consumer_for(target))
+    except NotFoundError:
+        if not force:
+            raise RouteRefusedError(
+                f"lane {target} has no consumer {consumer_for(target)}: start a worker with "
+                f"LANE={target} (it provisions its consumer) or pass --force"
+            ) from None
+    config = info.config
+    config.subject_transform = route_transform(settings, target)
+    await js.update_stream(config)
+    await record(js, settings, RouteChange.now(target, previous, note))
+    log.info("route switched: new work -> lane %s (was %s)", target, previous)
+    result = SwitchResult(target, previous, changed=True)
+    if take_backlog and previous:
+        result.moved, result.left_in_flight = await move_backlog(
+            nc, settings, previous, within=move_timeout
+        )
+    return result
+
+
+def _ingress_subject(settings: Settings, stored: str, lane: str) -> str:
+    prefix = f"{settings.subject_root}.{lane}."
+    suffix = stored[len(prefix) :] if stored.startswith(prefix) else settings.job_type
+    return f"{settings.subject_root}.jobs.{suffix}"
+
+
+async def move_backlog(
+    nc: Client, settings: Settings, lane: str, *, within: float = 60.0
+) -> tuple[int, int]:
+    """Move ``lane``'s waiting jobs back through the ingress (so onto the current lane).
+
+    Uses the lane's own durable (a work-queue stream allows no second consumer on it), so a job
+    goes either to a worker of that lane or to the mover, never both. Each moved job is
+    republished with a dedup id derived from its stream sequence *before* its original is
+    acknowledged: a crash in between re-runs into the duplicate window instead of a double.
+    Returns (moved, still in flight on that lane's workers).
+    """
+    js = nc.jetstream()
+    durable = consumer_for(lane)
+    psub = await js.pull_subscribe_bind(durable=durable, stream=settings.stream_name)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    moved = 0
+    try:
+        while loop.time() < deadline:
+            try:
+                msgs = await psub.fetch(256, timeout=0.5)
+            except TimeoutError:
+                ci = await js.consumer_info(settings.stream_name, durable)
+                if not ci.num_pending and not ci.num_ack_pending:
+                    break
+                if not ci.num_pending:  # only jobs held by live workers remain
+                    return moved, int(ci.num_ack_pending or 0)
+                continue
+            outgoing = []
+            for msg in msgs:
+                headers = dict(msg.headers or {})
+                job_id = headers.get("Job-Id") or headers.get("Nats-Msg-Id") or "job"
+                seq = msg.metadata.sequence.stream
+                headers.update(
+                    {"Job-Id": job_id, MOVED_FROM: lane, "Nats-Msg-Id": f"{job_id}:moved:{seq}"}
+                )
+                outgoing.append((_ingress_subject(settings, msg.subject, lane), msg.data, headers))
+            await publish_many(js, outgoing)
+            for msg in msgs:
+                await msg.ack()
+            await nc.flush()
+            moved += len(msgs)
+        ci = await js.consumer_info(settings.stream_name, durable)
+        left = int(ci.num_ack_pending or 0) + int(ci.num_pending or 0)
+    finally:
+        await psub.unsubscribe()
+    if moved:
+        log.info("moved %d waiting job(s) from lane %s to the current lane", moved, lane)
+    return moved, left
+
+
+async def rollback_target(js: JetStreamContext, settings: Settings) -> str:
+    """The lane before the current one, per the route history."""
+    current = await current_lane(js, settings)
+    for change in reversed(await history(js, settings)):
+        if change.lane == current and change.previous:
+            return change.previous
+    raise WorkerError(f"no earlier lane to roll back to (route is {current}): see 'route'")

@@ -1,0 +1,193 @@
+"""The worker community: who is alive, in which lane, doing what.
+
+Two views, both plain NATS:
+
+* every instance is a NATS micro service (``nats micro ls``, ``$SRV.PING|INFO|STATS.<worker>``)
+  with metadata lane, instance and state: it answers only while its process lives;
+* every instance puts a heartbeat (state, counters, in-flight) into a KV bucket whose entries
+  expire after ``INSTANCE_TTL``: a killed instance drops out of ``status`` within that time, and a
+  stopped one leaves its final ``stopped`` heartbeat behind until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nats import micro
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from .. import __version__
+from .names import DESCRIPTION, WORKER_NAME
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+Snapshot = Callable[[], dict[str, Any]]
+
+
+def registry_bucket(settings: Settings) -> str:
+    return f"{settings.stream_name}_INSTANCES"
+
+
+async def ensure_registry_bucket(js: JetStreamContext, settings: Settings) -> bool:
+    """Create the heartbeat bucket if missing; True when it was created."""
+    try:
+        await js.key_value(registry_bucket(settings))
+        return False
+    except BucketNotFoundError:
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=registry_bucket(settings),
+                history=1,
+                ttl=settings.instance_ttl,
+                storage=StorageType.MEMORY if settings.stream_replicas == 1 else StorageType.FILE,
+                replicas=settings.stream_replicas,
+                description=f"{WORKER_NAME} instance heartbeats",
+            )
+        )
+        return True
+
+
+class Registry:
+    """Register this instance and keep its heartbeat fresh until :meth:`stop`."""
+
+    def __init__(self, nc: Client, settings: Settings, snapshot: Snapshot) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.snapshot = snapshot
+        self.instance = settings.instance_id
+        self._service: Service | None = None
+        self._kv: KeyValue | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._metadata: dict[str, str] = {
+            "lane": settings.lane,
+            "instance": self.instance,
+            "state": "starting",
+        }
+
+    async def start(self) -> None:
+        self._service = await micro.add_service(
+            self.nc,
+            name=WORKER_NAME,
+            version=__version__,
+            description=DESCRIPTION,
+            metadata=self._metadata,
+        )
+        await self._service.add_endpoint(
+            name="status",
+            subject=f"{self.settings.subject_root}.instances.{self.instance}",
+            handler=self._answer_status,
+            metadata={"lane": self.settings.lane},
+        )
+        try:
+            self._kv = await self.nc.jetstream().key_value(registry_bucket(self.settings))
+        except BucketNotFoundError:
+            log.warning(
+                "heartbeat bucket %s missing: run 'provision'; heartbeats are off",
+                registry_bucket(self.settings),
+            )
+        await self.beat()
+        self._task = asyncio.create_task(self._loop())
+
+    async def _answer_status(self, req: Request) -> None:
+        await req.respond(json.dumps(self._payload()).encode())
+
+    def _payload(self, state: str | None = None) -> dict[str, Any]:
+        snap = self.snapshot()
+        if state is not None:
+            snap["state"] = state
+        self._metadata["state"] = str(snap.get("state", "running"))  # live in $SRV.INFO
+        return {
+            "instance": self.instance,
+            "lane": self.settings.lane,
+            "version": __version__,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "ts": time.time(),
+            **snap,
+        }
+
+    async def beat(self, state: str | None = None) -> None:
+        payload = self._payload(state)
+        if self._kv is None:
+            return
+        try:
+            await self._kv.put(self.instance, json.dumps(payload).encode())
+        except Exception as exc:  # a missed heartbeat is not worth a crash
+            log.debug("heartbeat failed: %s", exc)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            await self.beat()
+
+    async def stop(self) -> None:
+        """Final heartbeat says ``stopped``; then leave the micro registry."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.beat("stopped")
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+            self._service = None
+
+
+async def discover(nc: Client, settings: Settings, window: float = 0.5) -> list[dict[str, Any]]:
+    """Ask every live instance (``$SRV.INFO.<worker>``); collect answers for ``window`` s."""
+    inbox = nc.new_inbox()
+    found: list[dict[str, Any]] = []
+
+    async def collect(msg: Msg) -> None:
+        with contextlib.suppress(ValueError):
+            info = json.loads(msg.data)
+            found.append(
+                {**info.get("metadata", {}), "version": info.get("version"), "id": info.get("id")}
+            )
+
+    sub = await nc.subscribe(inbox, cb=collect)
+    try:
+        await nc.publish(f"$SRV.INFO.{WORKER_NAME}", b"", reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(window)  # scatter-gather: answers have no count to wait for
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def heartbeats(js: JetStreamContext, settings: Settings) -> list[dict[str, Any]]:
+    """The latest heartbeat of every instance seen within ``INSTANCE_TTL``."""
+    try:
+        kv = await js.key_value(registry_bucket(settings))
+        keys = await kv.keys()
+    except (BucketNotFoundError, NoKeysError, NotFoundError):
+        return []
+    out = []
+    now = time.time()
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except Exception as exc:  # expired between keys() and get()
+            log.debug("heartbeat %s vanished: %s", key, exc)
+            continue
+        if entry.value:
+            beat = json.loads(entry.value)
+            beat["age_s"] = round(max(0.0, now - float(beat.get("ts", now))), 1)
+            out.append(beat)
+    out.sort(key=lambda b: (str(b.get("lane")), str(b.get("instance"))))
+    return out

@@ -1,0 +1,129 @@
+"""Starved workers retire: notice the route moved away, finish this lane's backlog, exit 0.
+
+Route changes are *pushed*: the server publishes a stream-updated advisory when ``route``
+rewrites the transform, so an instance reacts at once without polling; a slow fallback check
+(``ROUTE_CHECK_INTERVAL``) covers an advisory missed during a disconnect. Only while retiring
+does the instance look at its consumer once a second, to see the backlog reach zero.
+
+A lane that was never current (a new version deployed ahead of the switch) never retires: it
+waits for the route. A worker restarted into a lane that was routed away and is drained retires
+again after the grace period, so a supervisor that restarts on exit 0 settles down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .lanes import current_lane, history
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+_RETIRING_CHECK = 1.0
+
+
+class Retirable(Protocol):
+    retiring: bool
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def stop(self, reason: str = ...) -> None: ...
+
+
+class LaneWatcher:
+    def __init__(self, nc: Client, settings: Settings, worker: Retirable) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.worker = worker
+        self.current: str | None = None
+        self.was_current = False
+        self._changed = asyncio.Event()
+        self._idle_since: float | None = None
+        self._sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        """Re-check soon (after a reconnect, an advisory may have been missed)."""
+        self._changed.set()
+
+    async def start(self) -> None:
+        js = self.nc.jetstream()
+        subject = f"$JS.EVENT.ADVISORY.STREAM.UPDATED.{self.settings.stream_name}"
+        self._sub = await self.nc.subscribe(subject, cb=self._on_advisory)
+        lanes_ever = {change.lane for change in await history(js, self.settings)}
+        self.current = await current_lane(js, self.settings)
+        lane = self.settings.lane
+        self.was_current = self.current == lane or lane in lanes_ever
+        if self.current != lane:
+            state = "routed away" if self.was_current else "waiting for the route"
+            log.info("lane %s is not current (new work -> lane %s): %s", lane, self.current, state)
+        await self._check()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _on_advisory(self, msg: Msg) -> None:
+        self._changed.set()
+
+    async def _loop(self) -> None:
+        while True:
+            wait = _RETIRING_CHECK if self.worker.retiring else self.settings.route_check_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), wait)
+            self._changed.clear()
+            try:
+                await self._check()
+            except Exception as exc:  # disconnected: the next round tries again
+                log.debug("route check failed: %s", exc)
+
+    async def _check(self) -> None:
+        js = self.nc.jetstream()
+        lane = self.settings.lane
+        current = await current_lane(js, self.settings)
+        if current != self.current:
+            log.info("route seen: new work -> lane %s (this instance: lane %s)", current, lane)
+            self.current = current
+        if current == lane:
+            self.was_current = True
+            self._idle_since = None
+            if self.worker.retiring:
+                log.info("lane %s is current again: back to running", lane)
+                self.worker.retiring = False
+            return
+        if not (self.was_current and self.settings.auto_retire):
+            return
+        if not self.worker.retiring:
+            log.info(
+                "retiring: lane %s gets no new work (route -> %s); finishing its backlog",
+                lane,
+                current,
+            )
+            self.worker.retiring = True
+        info = await js.consumer_info(self.settings.stream_name, self.settings.durable)
+        idle = not info.num_pending and not info.num_ack_pending and not self.worker.in_flight
+        now = asyncio.get_running_loop().time()
+        if not idle:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now
+            log.info(
+                "lane %s drained; retiring in %gs unless it becomes current again",
+                lane,
+                self.settings.retire_grace,
+            )
+        if self._idle_since is not None and now - self._idle_since >= self.settings.retire_grace:
+            self.worker.stop(f"retired: lane {lane} drained, new work goes to lane {current}")
