@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from nats.js import JetStreamContext
 
 from .lanes import RouteChange, ensure_route_bucket, record_first
@@ -17,8 +15,6 @@ from .topology import (
     lane_of,
     stream_config,
 )
-
-log = logging.getLogger(__name__)
 
 
 async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport:
@@ -34,6 +30,4 @@ async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport
         await record_first(js, settings, RouteChange.now(report.route, None, "stream created"))
     if await ensure_registry_bucket(js, settings):
         report.created.append(f"bucket {registry_bucket(settings)}")
-    for line in report.lines():
-        log.info("provision: %s", line)
     return report

@@ -164,7 +164,9 @@ class Worker:
             self.nc = await connect(self.settings, on_reconnect=self._on_reconnect)
             self.js = self.nc.jetstream()
             if self.settings.provision:
-                await provision(self.js, self.settings)
+                report = await provision(self.js, self.settings)
+                for line in report.lines():
+                    log.info("provision: %s", line)
             self._psub = await self.js.pull_subscribe_bind(
                 durable=self.settings.durable, stream=self.settings.stream_name
             )
