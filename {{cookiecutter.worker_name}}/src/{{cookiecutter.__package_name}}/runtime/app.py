@@ -7,8 +7,9 @@ handler (``install_signal_handlers=False`` and ``on_worker`` to get hold of the 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -16,7 +17,40 @@ from .health import HealthServer
 from .registry import Registry
 from .retirement import LaneWatcher
 from .settings import Settings
-from .worker import Handler, Worker
+from .worker import Handler, Hook, Worker
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+BACKLOG_POLL = 10.0  # seconds between consumer-info reads for the backlog gauges
+
+
+def _flush(telemetry: Telemetry) -> Hook:
+    async def flush() -> None:
+        await asyncio.to_thread(telemetry.shutdown)
+
+    return flush
+
+
+def _cancel(task: asyncio.Task[None]) -> Hook:
+    async def cancel() -> None:
+        task.cancel()
+
+    return cancel
+
+
+async def _poll_backlog(worker: Worker, settings: Settings, telemetry: Telemetry) -> None:
+    """Keep the lane-backlog gauges fresh (gauge callbacks cannot await)."""
+    assert worker.js is not None
+    while True:
+        try:
+            info = await worker.js.consumer_info(settings.stream_name, settings.durable)
+            telemetry.backlog["pending"] = int(info.num_pending or 0)
+            telemetry.backlog["unacked"] = int(info.num_ack_pending or 0)
+        except Exception as exc:  # disconnected: keep the last values
+            log.debug("backlog poll failed: %s", exc)
+        await asyncio.sleep(BACKLOG_POLL)
 
 
 def health_checks(
@@ -52,9 +86,25 @@ async def serve(
     *,
     install_signal_handlers: bool = True,
     on_worker: Callable[[Worker], Any] | None = None,
+    telemetry: Telemetry | None = None,
+    dev: bool = False,
 ) -> int:
     """Run one instance until it is stopped or retires; return the exit code."""
-    worker = Worker(settings, job_model, handler, install_signal_handlers=install_signal_handlers)
+    if telemetry is None:
+        from .telemetry_config import wanted
+
+        traces, metrics = wanted(settings, dev=dev)
+        if traces != "none" or metrics:  # the SDK is imported only when it will be used
+            from .telemetry import setup
+
+            telemetry = setup(settings, dev=dev)
+    worker = Worker(
+        settings,
+        job_model,
+        handler,
+        install_signal_handlers=install_signal_handlers,
+        telemetry=telemetry,
+    )
     if on_worker is not None:
         on_worker(worker)
 
@@ -67,6 +117,12 @@ async def serve(
 
     async def start_community() -> None:
         assert worker.nc is not None
+        if telemetry is not None:
+            worker.closing_hooks.append(_flush(telemetry))  # runs last: after the final beat
+            if telemetry.metrics:
+                telemetry.observe(worker.counters.as_dict, lambda: worker.in_flight)
+                poller = asyncio.create_task(_poll_backlog(worker, settings, telemetry))
+                worker.closing_hooks.append(_cancel(poller))
         registry = Registry(worker.nc, settings, snapshot)
         await registry.start()
         worker.closing_hooks.append(registry.stop)
@@ -79,7 +135,12 @@ async def serve(
     health: HealthServer | None = None
     if settings.health_port:
         live, ready = health_checks(worker, settings)
-        health = HealthServer(settings.health_host, settings.health_port, live, ready)
+        metrics_text = None
+        if telemetry is not None and settings.prometheus_metrics:
+            from .telemetry import prometheus_text
+
+            metrics_text = prometheus_text
+        health = HealthServer(settings.health_host, settings.health_port, live, ready, metrics_text)
         await health.start()
     try:
         return await worker.run()

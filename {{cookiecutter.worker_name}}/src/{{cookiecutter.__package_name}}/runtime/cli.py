@@ -53,13 +53,25 @@ def _run_async(factory: Callable[[], Awaitable[T]]) -> T:
 # --------------------------------------------------------------------------------- run
 
 
-async def _run_worker(settings: Settings, demo: int) -> int:
+def _telemetry(settings: Settings) -> Any:
+    """Telemetry for short CLI commands (publish, replay), or None when not configured."""
+    from .telemetry_config import wanted
+
+    traces, _ = wanted(settings)
+    if traces == "none":
+        return None
+    from .telemetry import setup
+
+    return setup(settings)
+
+
+async def _run_worker(settings: Settings, demo: int, dev: bool = False) -> int:
     from ..handler import handle
     from ..job import Job
     from .app import serve
 
     if not demo:
-        return await serve(settings, Job, handle)
+        return await serve(settings, Job, handle, dev=dev)
     done = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
@@ -67,7 +79,9 @@ async def _run_worker(settings: Settings, demo: int) -> int:
         tasks.append(asyncio.create_task(_demo(worker, settings, demo, done)))
 
     try:
-        return await serve(settings, Job, _counting(handle, demo, done), on_worker=launch_demo)
+        return await serve(
+            settings, Job, _counting(handle, demo, done), on_worker=launch_demo, dev=dev
+        )
     finally:
         for task in tasks:
             task.cancel()
@@ -130,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "embedded nats-server with JetStream on %s (store %s)", server.url, server.store_dir
         )
         settings = load_settings(**overrides, nats_url=[server.url])
-        return _run_async(lambda: _run_worker(settings, args.demo))
+        return _run_async(lambda: _run_worker(settings, args.demo, dev=True))
 
 
 # --------------------------------------------------------------------------------- provision
@@ -205,7 +219,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     async def go() -> int:
         from .publish import Producer, publish_many
 
-        async with Producer(settings) as producer:
+        telemetry = _telemetry(settings)
+        async with Producer(settings, telemetry=telemetry) as producer:
             if args.raw:  # bytes as given: for testing the DLQ path with bad payloads
                 headers = {"Nats-Msg-Id": args.msg_id} if args.msg_id else None
                 acks = await publish_many(
@@ -213,6 +228,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 )
             else:
                 acks = await producer.publish_all(jobs)
+        if telemetry is not None:
+            telemetry.shutdown()
         dups = sum(1 for a in acks if a.duplicate)
         print(
             f"published {len(acks) - dups} job(s) to {settings.ingress_subject}"
@@ -344,7 +361,10 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 missing = wanted - {e.seq for e in entries}
                 if missing:
                     raise InputError(f"no DLQ entry with seq {sorted(missing)}: see 'dlq list'")
-                count = await dlq.replay(js, settings, entries)
+                telemetry = _telemetry(settings)
+                count = await dlq.replay(js, settings, entries, telemetry)
+                if telemetry is not None:
+                    telemetry.shutdown()
                 print(f"replayed {count} job(s) to {settings.ingress_subject}")
             elif args.dlq_command == "purge":
                 if not args.yes:

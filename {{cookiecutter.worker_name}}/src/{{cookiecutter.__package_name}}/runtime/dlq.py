@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -23,6 +24,9 @@ from .. import __version__
 from .errors import describe
 from .publish import publish_many
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +162,27 @@ def replay_headers(entry: DeadLetter) -> dict[str, str]:
     return headers
 
 
-async def replay(js: JetStreamContext, settings: Settings, entries: list[DeadLetter]) -> int:
-    """Republish entries to the ingress subject, then delete them from the DLQ."""
-    await publish_many(
-        js,
-        [(settings.ingress_subject, e.data, replay_headers(e)) for e in entries],
-    )
+async def replay(
+    js: JetStreamContext,
+    settings: Settings,
+    entries: list[DeadLetter],
+    telemetry: Telemetry | None = None,
+) -> int:
+    """Republish entries to the ingress subject, then delete them from the DLQ.
+
+    With tracing on, each replay starts a new trace whose PRODUCER span links to the dead
+    letter's original trace, so the failed run and the replayed run lead to each other. The span
+    covers preparing the message; the publishes themselves are pipelined afterwards.
+    """
+    subject = settings.ingress_subject
+    outgoing = []
+    for entry in entries:
+        headers = replay_headers(entry)
+        if telemetry is not None:
+            with telemetry.replaying(subject, headers, entry.headers):
+                pass
+        outgoing.append((subject, entry.data, headers))
+    await publish_many(js, outgoing)
     for entry in entries:
         await js.delete_msg(settings.dlq_stream_name, entry.seq)
     return len(entries)

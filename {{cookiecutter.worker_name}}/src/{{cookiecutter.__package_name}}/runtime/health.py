@@ -19,9 +19,17 @@ Check = Callable[[], tuple[bool, dict[str, object]]]
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, live: Check, ready: Check) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        live: Check,
+        ready: Check,
+        metrics: Callable[[], bytes] | None = None,
+    ) -> None:
         self.host, self.port = host, port
         self.routes = {"/livez": live, "/readyz": ready}
+        self.metrics = metrics
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -46,6 +54,15 @@ class HealthServer:
             request = await asyncio.wait_for(reader.readline(), timeout=5)
             parts = request.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            if path == "/metrics" and self.metrics is not None:
+                text = self.metrics()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    + f"Content-Length: {len(text)}\r\nConnection: close\r\n\r\n".encode()
+                    + text
+                )
+                await writer.drain()
+                return
             check = self.routes.get(path)
             body: dict[str, object]
             if check is None:

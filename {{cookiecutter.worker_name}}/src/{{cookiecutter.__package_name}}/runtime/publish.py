@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -18,6 +19,9 @@ from nats.js.api import PubAck
 from ..job import Job
 from .connection import connect
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
 
 Outgoing = tuple[str, bytes, dict[str, str] | None]
 _WINDOW = 256  # publishes in flight at once on bulk paths
@@ -49,8 +53,11 @@ class Producer:
         await producer.publish(Job(id="A-1", item="book"))
     """
 
-    def __init__(self, settings: Settings, nc: Client | None = None) -> None:
+    def __init__(
+        self, settings: Settings, nc: Client | None = None, telemetry: Telemetry | None = None
+    ) -> None:
         self.settings = settings
+        self.telemetry = telemetry if telemetry is not None and telemetry.tracing else None
         self._nc = nc
         self._owns_connection = nc is None
 
@@ -76,8 +83,14 @@ class Producer:
 
     async def publish(self, job: Job) -> PubAck:
         data, headers = encode(job)
-        return await self.js.publish(self.settings.ingress_subject, data, headers=headers)
+        subject = self.settings.ingress_subject
+        if self.telemetry is None:
+            return await self.js.publish(subject, data, headers=headers)
+        with self.telemetry.producing(subject, headers):
+            return await self.js.publish(subject, data, headers=headers)
 
     async def publish_all(self, jobs: Sequence[Job]) -> list[PubAck]:
         subject = self.settings.ingress_subject
-        return await publish_many(self.js, ((subject, *encode(job)) for job in jobs))
+        if self.telemetry is None:
+            return await publish_many(self.js, ((subject, *encode(job)) for job in jobs))
+        return list(await asyncio.gather(*(self.publish(job) for job in jobs)))

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     liveness_stall: float = Field(
         default=60.0, gt=0, description="/livez fails when the pull loop was silent this long."
     )
+    prometheus_metrics: bool = Field(
+        default=False, description="Serve Prometheus metrics at /metrics on HEALTH_PORT."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
 

@@ -27,7 +27,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -42,10 +42,14 @@ from .errors import EXIT_INTERRUPTED, EXIT_OK, HandlerTimeoutError, Reject, Retr
 from .provision import provision
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, JobContext], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
+Outcome = tuple[str, BaseException] | None  # None: handled and acknowledged
 PULL_EXPIRES = 30.0  # a pull request stays open this long on an idle stream
 PULL_HEARTBEAT = 2.0  # the server pings an idle request this often
 _NS = 1_000_000_000
@@ -92,8 +96,12 @@ class Worker:
         handler: Handler,
         *,
         install_signal_handlers: bool = True,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry
+        # Chosen once: with telemetry off the hot path has no tracing code at all.
+        self._process_job = self._process_traced if telemetry is not None else self._process
         self.job_model = job_model
         self.handler = handler
         self.install_signal_handlers = install_signal_handlers
@@ -293,7 +301,7 @@ class Worker:
 
     async def _run_slot(self, slot: _Slot, inbox: asyncio.Queue[Msg]) -> None:
         get = inbox.get
-        process = self._process
+        process = self._process_job
         loop = asyncio.get_running_loop()
         stopping = self.stopping
         while not stopping.is_set():
@@ -318,12 +326,12 @@ class Worker:
                 if not self._room.is_set():
                     self._room.set()
 
-    async def _process(self, msg: Msg, slot: _Slot, loop: asyncio.AbstractEventLoop) -> None:
+    async def _process(self, msg: Msg, slot: _Slot, loop: asyncio.AbstractEventLoop) -> Outcome:
+        """Parse, handle, settle. Returns None on success, else (outcome, the error)."""
         try:
             job = self.job_model.model_validate_json(msg.data)
         except ValidationError as exc:
-            await self._dead_letter(msg, "invalid", exc)
-            return
+            return await self._dead_letter(msg, "invalid", exc), exc
         slot.handler_since = slot.progress_at = loop.time()
         try:
             await self.handler(job, JobContext(msg))
@@ -336,45 +344,49 @@ class Worker:
             if task is not None:
                 task.uncancel()
             limit = self.settings.handler_timeout
-            await self._failed(msg, HandlerTimeoutError(f"handler ran longer than {limit:g}s"))
+            timeout = HandlerTimeoutError(f"handler ran longer than {limit:g}s")
+            return await self._failed(msg, timeout), timeout
         except Retry as exc:
             slot.handler_since = 0.0
-            await self._retry(msg, exc.delay, exc)
+            return await self._retry(msg, exc.delay, exc), exc
         except Reject as exc:
             slot.handler_since = 0.0
-            await self._dead_letter(msg, "rejected", exc)
+            return await self._dead_letter(msg, "rejected", exc), exc
         except Exception as exc:
             slot.handler_since = 0.0
-            await self._failed(msg, exc)
-        else:
-            slot.handler_since = 0.0
-            await msg.ack()
-            self.counters.processed += 1
-            if self._log_jobs:
-                self._log_job_done(msg)
+            return await self._failed(msg, exc), exc
+        slot.handler_since = 0.0
+        await msg.ack()
+        self.counters.processed += 1
+        if self._log_jobs:
+            log.debug("job done", extra=_job_fields(msg))
+        return None
 
-    def _log_job_done(self, msg: Msg) -> None:
+    async def _process_traced(
+        self, msg: Msg, slot: _Slot, loop: asyncio.AbstractEventLoop
+    ) -> Outcome:
+        """The same, inside a CONSUMER span that continues the producer's trace."""
+        telemetry = self.telemetry
+        assert telemetry is not None
         meta = msg.metadata
-        headers = msg.headers or {}
-        log.debug(
-            "job done",
-            extra={
-                "job_id": headers.get("Job-Id") or headers.get("Nats-Msg-Id"),
-                "subject": msg.subject,
-                "stream_seq": meta.sequence.stream,
-                "attempt": meta.num_delivered,
-            },
-        )
+        started = loop.time()
+        with telemetry.consume_span(
+            msg.subject, msg.headers, int(meta.num_delivered or 1), meta.sequence.stream
+        ) as span:
+            result = await self._process(msg, slot, loop)
+            if result is not None:
+                telemetry.fail(span, result[1], result[0])
+        telemetry.record_duration(loop.time() - started, result[0] if result else "processed")
+        return result
 
-    async def _failed(self, msg: Msg, exc: BaseException) -> None:
+    async def _failed(self, msg: Msg, exc: BaseException) -> str:
         self.counters.failed += 1
-        await self._retry(msg, None, exc)
+        return await self._retry(msg, None, exc)
 
-    async def _retry(self, msg: Msg, delay: float | None, exc: BaseException) -> None:
+    async def _retry(self, msg: Msg, delay: float | None, exc: BaseException) -> str:
         attempt = int(msg.metadata.num_delivered or 1)
         if attempt >= self.settings.max_deliver:
-            await self._dead_letter(msg, "exhausted", exc, attempt)
-            return
+            return await self._dead_letter(msg, "exhausted", exc, attempt)
         if delay is None:
             backoff = self.settings.backoff
             delay = backoff[min(attempt, len(backoff)) - 1]
@@ -385,28 +397,32 @@ class Worker:
             self.settings.max_deliver,
             type(exc).__name__,
             describe(exc),
+            extra=_job_fields(msg),
         )
         await msg.nak(delay=delay)
         self.counters.retried += 1
+        return "retried"
 
     async def _dead_letter(
         self, msg: Msg, reason: str, exc: BaseException, attempt: int | None = None
-    ) -> None:
+    ) -> str:
         assert self.js is not None
         deliveries = attempt or int(msg.metadata.num_delivered or 1)
-        if await dead_letter(
+        if not await dead_letter(
             self.js, self.settings, msg, reason=reason, error=exc, deliveries=deliveries
         ):
-            self.counters.dead_lettered += 1
-            log.warning(
-                "job dead-lettered (%s after %d deliveries): %s: %s",
-                reason,
-                deliveries,
-                type(exc).__name__,
-                describe(exc),
-            )
-        else:
             await msg.nak(delay=self.settings.backoff[0])
+            return "dlq_failed"
+        self.counters.dead_lettered += 1
+        log.warning(
+            "job dead-lettered (%s after %d deliveries): %s: %s",
+            reason,
+            deliveries,
+            type(exc).__name__,
+            describe(exc),
+            extra=_job_fields(msg),
+        )
+        return "dead_lettered"
 
     # ----------------------------------------------------------------------------- the beat
 
@@ -509,6 +525,18 @@ class Worker:
         await self._nak_all([m for m in leftovers if m is not None])
         if self._forced.is_set():
             self.exit_code = EXIT_INTERRUPTED
+
+
+def _job_fields(msg: Msg) -> dict[str, object]:
+    """Correlation fields for a log line about one job (trace ids come from the log filter)."""
+    meta = msg.metadata
+    headers = msg.headers or {}
+    return {
+        "job_id": headers.get("Job-Id") or headers.get("Nats-Msg-Id"),
+        "subject": msg.subject,
+        "stream_seq": meta.sequence.stream,
+        "attempt": meta.num_delivered,
+    }
 
 
 def _fmt(counters: dict[str, int]) -> str:

@@ -1,0 +1,302 @@
+"""OpenTelemetry tracing and metrics, configured by the standard ``OTEL_*`` variables.
+
+Off unless asked for, and then imported lazily: a worker with no exporter never loads the SDK and
+runs the uninstrumented hot path (chosen once at startup, not checked per message).
+
+* Traces go over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``)
+  is set, to the console in dev mode (``run --embedded-nats``) or with
+  ``OTEL_TRACES_EXPORTER=console``, and nowhere otherwise. ``OTEL_SDK_DISABLED=true`` turns
+  everything off.
+* Metrics go over OTLP with the same endpoint, and/or to ``/metrics`` on the health port when
+  ``PROMETHEUS_METRICS=true``. Job counters are observable instruments that read the worker's
+  own integer counters at collection time, so they cost nothing per message.
+* Context crosses NATS in W3C ``traceparent``/``tracestate`` message headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.semconv._incubating.attributes import messaging_attributes as msg_attrs
+from opentelemetry.semconv.attributes import service_attributes
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+
+from .. import __version__
+from .errors import describe
+from .names import WORKER_NAME
+from .settings import Settings
+from .telemetry_config import wanted
+
+log = logging.getLogger(__name__)
+SCOPE = "worker.chassis"
+
+ATTR_SYSTEM = msg_attrs.MESSAGING_SYSTEM
+ATTR_DESTINATION = msg_attrs.MESSAGING_DESTINATION_NAME
+ATTR_MESSAGE_ID = msg_attrs.MESSAGING_MESSAGE_ID
+ATTR_OPERATION = msg_attrs.MESSAGING_OPERATION_TYPE
+ATTR_OPERATION_NAME = msg_attrs.MESSAGING_OPERATION_NAME
+ATTR_CONSUMER = msg_attrs.MESSAGING_CONSUMER_GROUP_NAME
+ATTR_SUBSCRIPTION = msg_attrs.MESSAGING_DESTINATION_SUBSCRIPTION_NAME
+ATTR_DELIVERY_COUNT = "messaging.nats.delivery_count"
+ATTR_STREAM = "messaging.nats.stream"
+ATTR_STREAM_SEQ = "messaging.nats.stream_sequence"
+ATTR_LANE = "worker.lane"
+ATTR_VERSION = "worker.version"
+ATTR_OUTCOME = "worker.outcome"
+
+
+class Telemetry:
+    """Tracer, meter and the instruments the chassis records into."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tracer_provider: TracerProvider | None,
+        meter_provider: MeterProvider | None,
+        shutdown: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tracing = tracer_provider is not None
+        self.metrics = meter_provider is not None
+        self.tracer: Tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer(
+            SCOPE, __version__
+        )
+        self.meter: Meter | None = (
+            meter_provider.get_meter(SCOPE, __version__) if meter_provider else None
+        )
+        self._shutdown = shutdown
+        self._static = {
+            ATTR_SYSTEM: "nats",
+            ATTR_OPERATION: "process",
+            ATTR_OPERATION_NAME: "process",
+            ATTR_CONSUMER: settings.durable,
+            ATTR_SUBSCRIPTION: settings.durable,
+            ATTR_STREAM: settings.stream_name,
+            ATTR_LANE: settings.lane,
+            ATTR_VERSION: __version__,
+        }
+        self.backlog: dict[str, int] = {"pending": 0, "unacked": 0}
+        if self.meter is not None:
+            self.duration = self.meter.create_histogram(
+                "messaging.process.duration",
+                unit="s",
+                description="Time to process one job, handler and settlement included.",
+            )
+
+    # ------------------------------------------------------------------ producer side
+
+    @contextmanager
+    def producing(self, subject: str, headers: dict[str, str]) -> Iterator[Span | None]:
+        """A PRODUCER span whose context is injected into ``headers`` (no-op when off)."""
+        if not self.tracing:
+            yield None
+            return
+        with self.tracer.start_as_current_span(
+            f"send {subject}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                ATTR_SYSTEM: "nats",
+                ATTR_DESTINATION: subject,
+                ATTR_OPERATION: "send",
+                ATTR_OPERATION_NAME: "send",
+                ATTR_MESSAGE_ID: headers.get("Nats-Msg-Id", ""),
+            },
+        ) as span:
+            propagate.inject(headers)
+            yield span
+
+    @contextmanager
+    def replaying(
+        self, subject: str, headers: dict[str, str], dlq_headers: Mapping[str, str]
+    ) -> Iterator[None]:
+        """A PRODUCER span for a DLQ replay, *linked* to the dead letter's original trace."""
+        if not self.tracing:
+            yield
+            return
+        original = trace.get_current_span(propagate.extract(dict(dlq_headers)))
+        links = [Link(original.get_span_context())] if original.get_span_context().is_valid else []
+        for key in ("traceparent", "tracestate"):
+            headers.pop(key, None)
+        with self.tracer.start_as_current_span(
+            f"send {subject}",
+            kind=SpanKind.PRODUCER,
+            links=links,
+            context=Context(),  # a replay starts a new trace, linked to the failed one
+            attributes={
+                ATTR_SYSTEM: "nats",
+                ATTR_DESTINATION: subject,
+                ATTR_OPERATION: "send",
+                "worker.replay": True,
+            },
+        ):
+            propagate.inject(headers)
+            yield
+
+    # ------------------------------------------------------------------ consumer side
+
+    def extract(self, headers: Mapping[str, str] | None) -> Context:
+        return propagate.extract(headers or {})
+
+    def consume_span(
+        self, subject: str, headers: Mapping[str, str] | None, deliveries: int, seq: int
+    ) -> Any:
+        attributes: dict[str, Any] = dict(self._static)
+        attributes[ATTR_DESTINATION] = subject
+        attributes[ATTR_DELIVERY_COUNT] = deliveries
+        attributes[ATTR_STREAM_SEQ] = seq
+        if headers and (msg_id := headers.get("Nats-Msg-Id")):
+            attributes[ATTR_MESSAGE_ID] = msg_id
+        return self.tracer.start_as_current_span(
+            f"process {subject}",
+            context=self.extract(headers),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+
+    @staticmethod
+    def fail(span: Span, exc: BaseException, outcome: str) -> None:
+        span.record_exception(exc)
+        span.set_attribute(ATTR_OUTCOME, outcome)
+        span.set_status(Status(StatusCode.ERROR, describe(exc, 256)))
+
+    def record_duration(self, seconds: float, outcome: str) -> None:
+        if self.meter is not None:
+            self.duration.record(
+                seconds, {ATTR_SYSTEM: "nats", ATTR_LANE: self.settings.lane, ATTR_OUTCOME: outcome}
+            )
+
+    # ------------------------------------------------------------------ metrics
+
+    def observe(
+        self, counters: Callable[[], Mapping[str, int]], in_flight: Callable[[], int]
+    ) -> None:
+        """Register observable instruments that read the worker's counters at collection time."""
+        if self.meter is None:
+            return
+        lane = {ATTR_LANE: self.settings.lane}
+
+        def counter(name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            return lambda _options: [Observation(counters()[name], lane)]
+
+        for name, what in (
+            ("processed", "Jobs handled successfully"),
+            ("failed", "Handler failures (exceptions and timeouts)"),
+            ("retried", "Jobs handed back for another attempt"),
+            ("dead_lettered", "Jobs sent to the dead-letter queue"),
+        ):
+            self.meter.create_observable_counter(
+                f"worker.jobs.{name}", [counter(name)], unit="{job}", description=what
+            )
+        self.meter.create_observable_up_down_counter(
+            "worker.jobs.in_flight",
+            [lambda _o: [Observation(in_flight(), lane)]],
+            unit="{job}",
+            description="Jobs being handled right now",
+        )
+        for key, what in (
+            ("pending", "waiting in the lane, not yet delivered"),
+            ("unacked", "delivered and not yet acknowledged"),
+        ):
+            self.meter.create_observable_gauge(
+                f"worker.lane.{key}",
+                [lambda _o, key=key: [Observation(self.backlog[key], lane)]],  # type: ignore[misc]
+                unit="{job}",
+                description=f"Jobs {what} (what KEDA's scaler reads)",
+            )
+
+    def shutdown(self) -> None:
+        """Flush spans and metrics (graceful stop)."""
+        if self._shutdown is not None:
+            try:
+                self._shutdown()
+            except Exception as exc:  # an unreachable collector must not fail the exit
+                log.warning("telemetry flush failed: %s", describe(exc))
+
+
+class TraceContextFilter(logging.Filter):
+    """Stamp ``trace_id``/``span_id`` of the current span on every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            record.trace_id = format(ctx.trace_id, "032x")
+            record.span_id = format(ctx.span_id, "016x")
+        return True
+
+
+def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
+    """Build providers and exporters from the environment; None when nothing is asked for."""
+    traces, metrics = wanted(settings, dev=dev)
+    if traces == "none" and not metrics:
+        return None
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create(
+        {
+            service_attributes.SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", WORKER_NAME),
+            service_attributes.SERVICE_VERSION: __version__,
+            "service.instance.id": settings.instance_id,
+            ATTR_LANE: settings.lane,
+        }
+    )
+    closers: list[Callable[[], Any]] = []
+    tracer_provider = None
+    if traces != "none":
+        from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SimpleSpanProcessor,
+        )
+
+        sdk_tracer = SdkTracerProvider(resource=resource)
+        if traces == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            sdk_tracer.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        else:
+            sdk_tracer.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        tracer_provider = sdk_tracer
+        closers.append(sdk_tracer.shutdown)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(TraceContextFilter())
+    meter_provider = None
+    if metrics:
+        from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+
+        readers: list[Any] = []
+        if "otlp" in metrics:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        if "prometheus" in metrics:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+            readers.append(PrometheusMetricReader())
+        sdk_meter = SdkMeterProvider(resource=resource, metric_readers=readers)
+        meter_provider = sdk_meter
+        closers.append(sdk_meter.shutdown)
+    log.info("telemetry: traces=%s metrics=%s", traces, ",".join(metrics) or "none")
+
+    def shutdown() -> None:
+        for close in closers:
+            close()
+
+    return Telemetry(settings, tracer_provider, meter_provider, shutdown)
+
+
+def prometheus_text() -> bytes:
+    """The Prometheus exposition of the default registry (fed by PrometheusMetricReader)."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    return bytes(generate_latest(REGISTRY))
