@@ -63,7 +63,10 @@ def health_checks(
 
     def live() -> tuple[bool, dict[str, object]]:
         silent = asyncio.get_running_loop().time() - worker.last_activity_at
-        ok = not worker.ready.is_set() or silent < settings.liveness_stall
+        connected = worker.nc is not None and worker.nc.is_connected
+        # A broker outage is readiness' business (a restart would not fix it); liveness fails
+        # only when connected and the pull loop is silent although it expects deliveries.
+        ok = not worker.ready.is_set() or not connected or silent < settings.liveness_stall
         return ok, {"live": ok, "pull_silent_s": round(silent, 1), "state": worker.state}
 
     def ready() -> tuple[bool, dict[str, object]]:

@@ -38,7 +38,15 @@ from .. import __version__
 from .connection import connect
 from .context import JobContext
 from .dlq import dead_letter
-from .errors import EXIT_INTERRUPTED, EXIT_OK, HandlerTimeoutError, Reject, Retry, describe
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    HandlerTimeoutError,
+    Reject,
+    Retry,
+    describe,
+)
 from .provision import provision
 from .settings import Settings
 
@@ -213,6 +221,15 @@ class Worker:
         for hook in self.reconnect_hooks:
             hook()
 
+    def _internal_task_done(self, task: asyncio.Task[None]) -> None:
+        """The puller and the beat run for the worker's whole life; if one dies, stop (exit 1)."""
+        if task.cancelled() or self.stopping.is_set():
+            return
+        exc = task.exception()
+        log.error("internal task %s ended unexpectedly: %s", task.get_coro(), exc, exc_info=exc)
+        self.exit_code = EXIT_FAILURE
+        self.stop("internal error")
+
     def _reset_credit(self, why: str) -> None:
         if self._credit:
             log.info("re-issuing pull requests (%s)", why)
@@ -230,6 +247,8 @@ class Worker:
             slot.task = asyncio.create_task(self._run_slot(slot, inbox))
         beat = asyncio.create_task(self._beat())
         self._puller = asyncio.create_task(self._pull(psub))
+        for task in (beat, self._puller):
+            task.add_done_callback(self._internal_task_done)
         self.last_activity_at = asyncio.get_running_loop().time()
         self.ready.set()
         try:
@@ -433,14 +452,19 @@ class Worker:
         timeout = self.settings.handler_timeout
         tick = max(0.05, min(1.0, progress_every / 2, timeout / 4))
         seen = self._activity
+        quiet_since = loop.time()
+        concurrency = self.settings.concurrency
         while True:
             await asyncio.sleep(tick)
             now = loop.time()
-            if self._activity != seen:
+            # Expecting word from the server: a pull is open, or slots are free to request one.
+            # With every slot busy on long jobs nothing is expected, and silence is healthy.
+            expecting = self._credit > 0 or concurrency - self._busy >= self._refill
+            if self._activity != seen or not expecting:
                 seen = self._activity
-                self.last_activity_at = now
-            elif self._credit and now - self.last_activity_at > 3 * PULL_HEARTBEAT:
-                self.last_activity_at = now
+                self.last_activity_at = quiet_since = now
+            elif self._credit and now - quiet_since > 3 * PULL_HEARTBEAT:
+                quiet_since = now  # liveness keeps counting from the last real activity
                 self._reset_credit("pull request went silent")
             for slot in self._slots:
                 since, msg = slot.handler_since, slot.msg
