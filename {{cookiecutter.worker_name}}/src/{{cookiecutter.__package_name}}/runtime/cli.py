@@ -391,6 +391,22 @@ def _print_dlq(entries: Sequence[Any]) -> None:
         )
 
 
+# --------------------------------------------------------------------------------- permissions
+
+
+def cmd_permissions(args: argparse.Namespace) -> int:
+    from .permissions import nsc_commands, server_config, subjects
+
+    settings = load_settings()
+    if args.format == "json":
+        print(json.dumps(subjects(settings), indent=2))
+    elif args.format == "nsc":
+        print(nsc_commands(settings, args.account, args.user or WORKER_NAME), end="")
+    else:
+        print(server_config(settings, args.user or WORKER_NAME, args.password_var), end="")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------- health
 
 
@@ -497,6 +513,22 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("purge", help="delete every dead letter")
     d.add_argument("--yes", action="store_true", help="confirm")
     p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser(
+        "permissions",
+        help="print least-privilege NATS permissions for this worker's user",
+        description="Server config (authorization block), nsc commands, or JSON allow-lists, "
+        "derived from the current settings (stream, DLQ, subjects).",
+    )
+    p.add_argument("--format", choices=["conf", "nsc", "json"], default="conf")
+    p.add_argument("--user", help=f"user name (default {WORKER_NAME})")
+    p.add_argument("--account", default="APP", help="account for --format nsc")
+    p.add_argument(
+        "--password-var",
+        default="WORKER_NATS_PASSWORD",
+        help="env var nats-server reads the password from (conf format)",
+    )
+    p.set_defaults(func=cmd_permissions)
 
     p = sub.add_parser("health", help="probe the running worker's health endpoint (exit 0/1)")
     group = p.add_mutually_exclusive_group()

@@ -42,6 +42,8 @@ def connect_options(settings: Settings) -> dict[str, Any]:
         "allow_reconnect": True,
         "connect_timeout": min(2.0, settings.nats_connect_timeout),
         "pending_size": 8 * 1024 * 1024,
+        # A private reply prefix, so least-privilege accounts can deny other workers' inboxes.
+        "inbox_prefix": f"_INBOX.{WORKER_NAME}",
     }
     if settings.nats_user:
         opts["user"] = settings.nats_user
