@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -101,16 +102,26 @@ def _counting(handler: Any, count: int, done: asyncio.Event) -> Any:
     return wrapper
 
 
-async def _demo(worker: Any, settings: Settings, count: int, done: asyncio.Event) -> None:
-    """Publish ``count`` example jobs once the worker is ready, and stop when they are done."""
+def _demo_jobs(count: int) -> list[Any]:
+    """Example jobs built from just an id; the second fails once (if the model allows it)."""
     from ..job import Job
-    from .publish import Producer
+
+    run = uuid.uuid4().hex[:6]
+    jobs = [Job.model_validate({"id": f"demo-{run}-{i}"}) for i in range(count)]
+    if count > 1:
+        # Shows a retry in the logs and spans; skipped quietly for models without the field.
+        with contextlib.suppress(ValidationError):
+            jobs[1] = Job.model_validate({"id": f"demo-{run}-1", "fail_times": 1})
+    return jobs
+
+
+async def _demo(worker: Any, settings: Settings, count: int, done: asyncio.Event) -> None:
+    """Publish ``count`` example jobs and one malformed payload, then stop when all are done."""
+    from .publish import Producer, publish_many
 
     await worker.ready.wait()
     try:
-        jobs = [
-            Job.model_validate({"id": f"demo-{uuid.uuid4().hex[:8]}-{i}"}) for i in range(count)
-        ]
+        jobs = _demo_jobs(count)
     except ValidationError as exc:
         log.error(
             "--demo cannot build an example Job from just an id (%s); publish your own "
@@ -119,11 +130,23 @@ async def _demo(worker: Any, settings: Settings, count: int, done: asyncio.Event
         )
         worker.stop("demo impossible")
         return
-    async with Producer(settings, worker.nc) as producer:
+    async with Producer(settings, worker.nc, telemetry=worker.telemetry) as producer:
+        # A malformed payload first: it goes straight to the dead-letter queue, never retried.
+        await publish_many(producer.js, [(settings.ingress_subject, b'{"id": 42', None)])
         await producer.publish_all(jobs)
-    log.info("demo: published %d jobs to %s", count, settings.ingress_subject)
+    log.info(
+        "demo: published %d jobs and 1 malformed payload to %s", count, settings.ingress_subject
+    )
     await done.wait()
-    log.info("demo: %d jobs handled; try '%s status' next", count, WORKER_NAME)
+    c = worker.counters
+    log.info(
+        "demo: %d jobs handled (%d retried, %d dead-lettered); next: '%s status', '%s dlq list'",
+        count,
+        c.retried,
+        c.dead_lettered,
+        WORKER_NAME,
+        WORKER_NAME,
+    )
     worker.stop("demo finished")
 
 

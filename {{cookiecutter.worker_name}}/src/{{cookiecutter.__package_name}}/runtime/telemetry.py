@@ -264,7 +264,9 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
 
             sdk_tracer.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         else:
-            sdk_tracer.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+            sdk_tracer.add_span_processor(
+                SimpleSpanProcessor(ConsoleSpanExporter(formatter=_one_line_span))
+            )
         tracer_provider = sdk_tracer
         closers.append(sdk_tracer.shutdown)
         for handler in logging.getLogger().handlers:
@@ -293,6 +295,20 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
             close()
 
     return Telemetry(settings, tracer_provider, meter_provider, shutdown)
+
+
+def _one_line_span(span: Any) -> str:
+    """Console format for dev mode: one readable line per span instead of a JSON page."""
+    ctx, parent = span.context, span.parent
+    took = ((span.end_time or 0) - (span.start_time or 0)) / 1e6
+    attrs = span.attributes or {}
+    return (
+        f"span {span.name} [{span.kind.name.lower()}] trace={ctx.trace_id:032x} "
+        f"span={ctx.span_id:016x} parent={f'{parent.span_id:016x}' if parent else '-'} "
+        f"{took:.1f}ms {span.status.status_code.name}"
+        + (f" delivery={attrs[ATTR_DELIVERY_COUNT]}" if ATTR_DELIVERY_COUNT in attrs else "")
+        + "\n"
+    )
 
 
 def prometheus_text() -> bytes:
