@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,10 +19,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
 from pydantic import ValidationError
 
 from .. import __version__
-from .errors import EXIT_FAILURE, EXIT_OK, InputError, WorkerError
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_NOPERM,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    InputError,
+    WorkerError,
+    describe,
+)
 from .names import DESCRIPTION, WORKER_NAME
 from .settings import Settings, load_settings
 
@@ -196,22 +207,28 @@ def cmd_provision(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- publish
 
 
-def _read_payload(args: argparse.Namespace) -> str:
+def _read_payload(args: argparse.Namespace) -> bytes:
+    """The payload as bytes: from --file, stdin ('-' or nothing) or the argument."""
     if args.file is not None:
         try:
-            return Path(args.file).read_text(encoding="utf-8")
+            return Path(args.file).read_bytes()
         except OSError as exc:
             raise InputError(f"cannot read {args.file}: {exc.strerror}") from None
     if args.payload in (None, "-"):
-        return sys.stdin.read()
-    return str(args.payload)
+        return sys.stdin.buffer.read()
+    return os.fsencode(args.payload)  # undoes the surrogate escapes of non-UTF-8 argv bytes
 
 
-def _parse_jobs(text: str) -> list[Any]:
+def _parse_jobs(data: bytes) -> list[Any]:
     """A JSON object, a JSON array of objects, or JSON lines."""
     from ..job import Job
 
-    text = text.strip()
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise InputError(
+            "payload is not UTF-8 text (use --raw to send bytes as they are)"
+        ) from None
     if not text:
         raise InputError("no job given: pass JSON as an argument, on stdin, or with --file")
     try:
@@ -236,8 +253,8 @@ def _parse_jobs(text: str) -> list[Any]:
 def cmd_publish(args: argparse.Namespace) -> int:
     settings = load_settings()
     _setup_logging(settings)
-    text = _read_payload(args)
-    jobs = [] if args.raw else _parse_jobs(text)
+    data = _read_payload(args)
+    jobs = [] if args.raw else _parse_jobs(data)
 
     async def go() -> int:
         from .publish import Producer, publish_many
@@ -246,11 +263,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
         async with Producer(settings, telemetry=telemetry) as producer:
             if args.raw:  # bytes as given: for testing the DLQ path with bad payloads
                 headers = {"Nats-Msg-Id": args.msg_id} if args.msg_id else None
-                acks = await publish_many(
-                    producer.js, [(settings.ingress_subject, text.encode(), headers)]
-                )
+                acks = await publish_many(producer.js, [(settings.ingress_subject, data, headers)])
             else:
                 acks = await producer.publish_all(jobs)
+        if not acks:
+            raise InputError("nothing was published")
         if telemetry is not None:
             telemetry.shutdown()
         dups = sum(1 for a in acks if a.duplicate)
@@ -260,7 +277,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
 
-    return _run_async(go)
+    try:
+        return _run_async(go)
+    except MaxPayloadError:
+        raise InputError(
+            "a job is larger than the server's max_payload: make it smaller (store big data "
+            "elsewhere and send a reference), or raise max_payload on the server"
+        ) from None
 
 
 # --------------------------------------------------------------------------------- status
@@ -453,6 +476,33 @@ def _setup_logging(settings: Settings) -> None:
     setup_logging(settings.log_level, settings.log_format, lane=settings.lane, version=__version__)
 
 
+def _explain_nats_error(exc: Exception) -> tuple[str, int]:
+    """One line and an exit code for the broker errors an operator can act on."""
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+    if isinstance(exc, NoStreamResponseError):
+        return (
+            "no stream stores this subject: run 'provision' (or start the worker) first, "
+            "and check SUBJECT_ROOT/STREAM_NAME",
+            EXIT_UNAVAILABLE,
+        )
+    if isinstance(exc, NotFoundError):
+        return (
+            f"not found on the server ({exc.description}): run 'provision' first, and "
+            "check STREAM_NAME/DLQ_STREAM_NAME",
+            EXIT_UNAVAILABLE,
+        )
+    if isinstance(exc, APIError) and (exc.code == 403 or "permission" in str(exc).lower()):
+        return (
+            f"the NATS account may not do this ({exc.description}): see the 'permissions' command",
+            EXIT_NOPERM,
+        )
+    if isinstance(exc, NatsTimeout | TimeoutError):
+        return "NATS did not answer in time: check the server and NATS_URL", EXIT_UNAVAILABLE
+    return f"NATS error: {describe(exc)}", EXIT_UNAVAILABLE
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=WORKER_NAME,
@@ -571,6 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerError as exc:
         print(f"{WORKER_NAME}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except NatsError as exc:  # includes the JetStream errors
+        message, exit_code = _explain_nats_error(exc)
+        print(f"{WORKER_NAME}: error: {message}", file=sys.stderr)
+        return exit_code
     except KeyboardInterrupt:
         return 130
     except Exception:

@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     prometheus_metrics: bool = Field(
         default=False, description="Serve Prometheus metrics at /metrics on HEALTH_PORT."
     )
+    loop_stall_warning: float = Field(
+        default=1.0, ge=0, description="Warn when the event loop was blocked this long; 0 = off."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
 

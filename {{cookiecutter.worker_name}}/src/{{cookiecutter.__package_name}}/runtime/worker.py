@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from .. import __version__
 from .connection import connect
@@ -349,7 +349,7 @@ class Worker:
         """Parse, handle, settle. Returns None on success, else (outcome, the error)."""
         try:
             job = self.job_model.model_validate_json(msg.data)
-        except ValidationError as exc:
+        except Exception as exc:  # ValidationError, or e.g. a recursion limit: never retryable
             return await self._dead_letter(msg, "invalid", exc), exc
         slot.handler_since = slot.progress_at = loop.time()
         try:
@@ -454,9 +454,17 @@ class Worker:
         seen = self._activity
         quiet_since = loop.time()
         concurrency = self.settings.concurrency
+        stall_warning = self.settings.loop_stall_warning
         while True:
+            before = loop.time()
             await asyncio.sleep(tick)
             now = loop.time()
+            if stall_warning and now - before - tick > stall_warning:
+                log.warning(
+                    "event loop was blocked for %.1fs: a handler is doing blocking work; "
+                    "run it with 'await asyncio.to_thread(...)'",
+                    now - before - tick,
+                )
             # Expecting word from the server: a pull is open, or slots are free to request one.
             # With every slot busy on long jobs nothing is expected, and silence is healthy.
             expecting = self._credit > 0 or concurrency - self._busy >= self._refill
