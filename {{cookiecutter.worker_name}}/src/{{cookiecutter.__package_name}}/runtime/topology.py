@@ -81,6 +81,13 @@ def dlq_config(settings: Settings) -> StreamConfig:
     )
 
 
+# Deliveries the server allows beyond MAX_DELIVER. The chassis dead-letters at MAX_DELIVER itself;
+# the headroom only matters when the final attempt could not settle (the worker died, or the DLQ
+# publish failed during a leader election): the job then comes back once more instead of being
+# stranded in the stream, which would happen if the server's limit were exactly MAX_DELIVER.
+MAX_DELIVER_HEADROOM = 2
+
+
 def consumer_backoff(settings: Settings) -> list[float]:
     """Redelivery waits after an ack timeout (a crashed or hung worker).
 
@@ -88,7 +95,7 @@ def consumer_backoff(settings: Settings) -> list[float]:
     starts at ``ack_wait`` and never waits less; it must be shorter than ``max_deliver``.
     """
     waits = [settings.ack_wait] + [max(settings.ack_wait, d) for d in settings.backoff]
-    return waits[: max(0, settings.max_deliver - 1)]
+    return waits[: max(0, settings.max_deliver + MAX_DELIVER_HEADROOM - 1)]
 
 
 def consumer_config(settings: Settings, lane: str | None = None) -> ConsumerConfig:
@@ -101,7 +108,7 @@ def consumer_config(settings: Settings, lane: str | None = None) -> ConsumerConf
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait,
-        max_deliver=settings.max_deliver,
+        max_deliver=settings.max_deliver + MAX_DELIVER_HEADROOM,
         backoff=backoff or None,
         max_ack_pending=settings.max_ack_pending,
         max_waiting=512,

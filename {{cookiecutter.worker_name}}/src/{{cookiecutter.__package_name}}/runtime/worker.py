@@ -338,6 +338,11 @@ class Worker:
             slot.msg = msg
             try:
                 await process(msg, slot, loop)
+            except Exception as exc:  # settling failed (connection closed mid-ack, ...)
+                log.warning(
+                    "could not settle a job (%s); JetStream redelivers it after ACK_WAIT",
+                    describe(exc),
+                )
             finally:
                 slot.msg = None
                 slot.handler_since = 0.0
