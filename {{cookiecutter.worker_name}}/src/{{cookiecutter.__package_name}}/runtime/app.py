@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from .dlq import MaxDeliveriesRescue
 from .health import HealthServer
 from .registry import Registry
 from .retirement import LaneWatcher
@@ -129,6 +130,9 @@ async def serve(
         registry = Registry(worker.nc, settings, snapshot)
         await registry.start()
         worker.closing_hooks.append(registry.stop)
+        rescue = MaxDeliveriesRescue(worker.nc.jetstream(), settings)
+        rescue_sub = await worker.nc.subscribe(rescue.subject, cb=rescue.on_advisory)
+        worker.closing_hooks.append(rescue_sub.unsubscribe)
         watcher = LaneWatcher(worker.nc, settings, worker)
         await watcher.start()
         worker.closing_hooks.append(watcher.stop)

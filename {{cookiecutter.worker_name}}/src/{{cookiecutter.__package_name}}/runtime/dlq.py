@@ -9,6 +9,7 @@ queue: it is never lost.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -192,3 +193,69 @@ async def purge(js: JetStreamContext, settings: Settings) -> int:
     info = await js.stream_info(settings.dlq_stream_name)
     await js.purge_stream(settings.dlq_stream_name)
     return int(info.state.messages)
+
+
+class MaxDeliveriesRescue:
+    """Dead-letter jobs the *server* gave up on.
+
+    A job whose every delivery killed its worker (a poison message) exceeds the consumer's
+    ``max_deliver`` without the chassis ever settling it; JetStream then stops delivering it and
+    publishes a MAX_DELIVERIES advisory. Every instance listens; the first one copies the stored
+    message to the DLQ (its dedup id makes the others' copies no-ops) and deletes it from the
+    work stream, so it is neither lost nor stuck.
+    """
+
+    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
+        self.js = js
+        self.settings = settings
+
+    @property
+    def subject(self) -> str:
+        s = self.settings
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.stream_name}.{s.durable}"
+
+    async def on_advisory(self, msg: Msg) -> None:
+        try:
+            advisory = json.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            deliveries = int(advisory.get("deliveries", 0))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable MAX_DELIVERIES advisory")
+            return
+        try:
+            await self.rescue(seq, deliveries)
+        except Exception as exc:  # another instance was faster, or the broker is busy
+            log.debug("max-deliveries rescue of seq %d skipped: %s", seq, describe(exc))
+
+    async def rescue(self, seq: int, deliveries: int) -> None:
+        s = self.settings
+        try:
+            raw = await self.js.get_msg(s.stream_name, seq=seq)
+        except NotFoundError:
+            return  # already rescued (or acknowledged in the meantime)
+        headers = dict(raw.headers or {})
+        original_id = headers.pop("Nats-Msg-Id", None)
+        headers.update(
+            {
+                H_REASON: "max_deliveries",
+                H_SUBJECT: raw.subject or "",
+                H_STREAM: s.stream_name,
+                H_SEQUENCE: str(seq),
+                H_DELIVERIES: str(deliveries),
+                H_ERROR_TYPE: "MaxDeliveriesExceeded",
+                H_ERROR: "no delivery settled (the worker died each time); JetStream stopped",
+                H_VERSION: __version__,
+                H_LANE: s.lane,
+                H_TIME: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "Nats-Msg-Id": f"dlq:{s.stream_name}:{seq}",
+            }
+        )
+        if original_id is not None:
+            headers[H_MSG_ID] = original_id
+        await self.js.publish(s.dlq_subject, raw.data or b"", headers=headers, timeout=5.0)
+        await self.js.delete_msg(s.stream_name, seq)
+        log.warning(
+            "job at stream seq %d dead-lettered after %d deliveries that never settled",
+            seq,
+            deliveries,
+        )

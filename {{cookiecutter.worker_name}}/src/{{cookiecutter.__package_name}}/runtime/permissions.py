@@ -29,6 +29,8 @@ def subjects(settings: Settings) -> dict[str, list[str]]:
     for name in (stream, dlq, *kv):
         publish += [f"{api}.STREAM.{op}.{name}" for op in ("INFO", "CREATE", "UPDATE")]
     publish += [f"{api}.STREAM.{op}.{dlq}" for op in ("MSG.GET", "MSG.DELETE", "PURGE")]
+    # rescuing jobs the server gave up on (MAX_DELIVERIES advisory): read and delete by sequence
+    publish += [f"{api}.STREAM.{op}.{stream}" for op in ("MSG.GET", "MSG.DELETE")]
     for name in (stream, *kv):
         publish += [
             f"{api}.CONSUMER.CREATE.{name}",
@@ -58,6 +60,7 @@ def subjects(settings: Settings) -> dict[str, list[str]]:
         f"{inbox_prefix()}.>",
         f"{settings.subject_root}.instances.>",
         f"$JS.EVENT.ADVISORY.STREAM.UPDATED.{stream}",
+        f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.>",
     ]
     for verb in ("PING", "INFO", "STATS"):
         subscribe += [f"$SRV.{verb}", f"$SRV.{verb}.{WORKER_NAME}", f"$SRV.{verb}.{WORKER_NAME}.>"]
