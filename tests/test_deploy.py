@@ -16,10 +16,12 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 
@@ -59,6 +61,28 @@ def load_one(path: Path) -> Any:
     docs = load_all(path)
     assert len(docs) == 1, f"{path.name}: expected one YAML document, found {len(docs)}"
     return docs[0]
+
+
+def vendored_schema(name: str) -> dict[str, Any] | None:
+    """A published schema as vendored (offline) by check-jsonschema, when that package is
+    installed; None otherwise, and the structural checks alone apply."""
+    try:
+        folder = files("check_jsonschema.builtin_schemas.vendor")
+    except ModuleNotFoundError:
+        return None
+    schema: dict[str, Any] = json.loads((folder / f"{name}.json").read_text("utf-8"))
+    return schema
+
+
+def assert_matches_schema(doc: Any, name: str, where: str) -> None:
+    schema = vendored_schema(name)
+    if schema is None:
+        return
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
+    ]
+    assert not errors, f"{where} does not match the {name} schema:\n" + "\n".join(errors)
 
 
 # ------------------------------------------------------------------ the worker's own names
@@ -240,6 +264,7 @@ def _seconds(value: str) -> float:
 
 def test_compose_file(baked: BakedProject) -> None:
     compose = load_one(baked.path / "compose.yaml")
+    assert_matches_schema(compose, "compose-spec", "compose.yaml")
     services = compose["services"]
     assert {"nats", "worker"} <= set(services)
     facts = worker_facts(baked, [])
@@ -498,7 +523,10 @@ def test_github_actions_workflow(baked: BakedProject) -> None:
     )
 
     workflow = load_one(path)
-    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
+    if True in workflow:  # YAML 1.1 (PyYAML) reads the bare key `on` as true; GitHub does not
+        workflow["on"] = workflow.pop(True)
+    assert_matches_schema(workflow, "github-workflows", "ci.yml")
+    triggers = workflow["on"]
     assert "pull_request" in triggers
     assert "push" in triggers
     assert workflow["env"]["PYTHON_VERSION"] == baked.context["python_version"]
