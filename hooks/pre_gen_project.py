@@ -8,6 +8,7 @@ fix, and exits 1; cookiecutter then removes the half-made project, so nothing is
 from __future__ import annotations
 
 import json
+import keyword
 import re
 import sys
 
@@ -30,16 +31,29 @@ WORKER_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 PYTHON_VERSION = re.compile(r"^3\.(1[1-9]|[2-9][0-9])$")
 RESERVED_TOKENS = {"jobs", "dlq", "hb", "route"}
+# The package is worker_name with '_' for '-'. It must import as itself: a keyword is a syntax
+# error, and a standard-library module or a dependency's package would shadow it or be shadowed.
+TAKEN_PACKAGE_NAMES = set(getattr(sys, "stdlib_module_names", ())) | {
+    "nats", "pydantic", "pydantic_settings", "uvloop", "opentelemetry", "prometheus_client",
+    "pytest", "testcontainers", "docker",
+}  # fmt: skip
 
 
 def check(answers: dict[str, str]) -> list[str]:
     """Return one message per bad answer; an empty list means every answer is usable."""
     errors: list[str] = []
     name = answers["worker_name"]
+    package = name.replace("-", "_")
     if not WORKER_NAME.match(name) or len(name) > 48:
         errors.append(
             f"worker_name {name!r} is not kebab-case: use lowercase letters, digits and single "
             "hyphens, starting with a letter, at most 48 characters (e.g. order-processor)"
+        )
+    elif keyword.iskeyword(package) or package in TAKEN_PACKAGE_NAMES:
+        errors.append(
+            f"worker_name {name!r} would make the Python package {package!r}, which is a "
+            "keyword or clashes with a standard-library or dependency module: pick another "
+            "name (e.g. add a word: order-queue)"
         )
     for key in ("subject_root", "job_type"):
         token = answers[key]
