@@ -732,15 +732,9 @@ def test_liveness_fails_when_a_connected_broker_goes_silent(
         os.kill(pid, signal.SIGCONT)
 
 
-# --------------------------------------------------------------------------------- chassis bugs
+# --------------------------------------------------------------------------------- regressions
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chassis bug: silence during a broker outage counts toward LIVENESS_STALL, so /livez "
-    "fails right after the reconnect until the first heartbeat (Worker._on_reconnect should "
-    "reset last_activity_at)",
-)
 def test_liveness_does_not_count_a_broker_outage_as_a_stall(
     restartable_server: NatsServer, worker_env: WorkerEnv
 ) -> None:
@@ -781,12 +775,6 @@ def test_liveness_does_not_count_a_broker_outage_as_a_stall(
     assert not failures, f"/livez failed after the reconnect: {failures[:3]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chassis bug: a DLQ entry keeps only the producer's traceparent; a job from an "
-    "untraced producer is dead-lettered without the failed delivery's trace context, so its "
-    "replay cannot link to the failed run",
-)
 def test_dead_letter_of_an_untraced_job_still_links_its_replay(worker_env: WorkerEnv) -> None:
     settings = settings_for(worker_env, max_deliver=1)
     cap = capture(settings)

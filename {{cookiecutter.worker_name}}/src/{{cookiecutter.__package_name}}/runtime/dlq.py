@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -82,9 +82,16 @@ async def dead_letter(
     error: BaseException,
     deliveries: int,
     attempts: int = 3,
+    trace_headers: Mapping[str, str] | None = None,
 ) -> bool:
-    """Publish a DLQ entry, then terminate the original. False (and nothing acked) on failure."""
+    """Publish a DLQ entry, then terminate the original. False (and nothing acked) on failure.
+
+    ``trace_headers`` (the failed delivery's trace context) fill in for a producer that sent
+    none, so a replay can always link back to the failed run.
+    """
     headers = dlq_headers(msg, settings, reason=reason, error=error, deliveries=deliveries)
+    for key, value in (trace_headers or {}).items():
+        headers.setdefault(key, value)
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:

@@ -141,6 +141,13 @@ class Telemetry:
 
     # ------------------------------------------------------------------ consumer side
 
+    def current_headers(self) -> dict[str, str]:
+        """W3C headers of the current span (empty when tracing is off or no span is current)."""
+        carrier: dict[str, str] = {}
+        if self.tracing:
+            propagate.inject(carrier)
+        return carrier
+
     def extract(self, headers: Mapping[str, str] | None) -> Context:
         return propagate.extract(headers or {})
 

@@ -217,6 +217,8 @@ class Worker:
     async def _on_reconnect(self) -> None:
         # Pull requests parked on the old connection may be gone with it (nats.py #504):
         # reclaim their credit and ask again at once instead of waiting for heartbeats to lapse.
+        # The outage was readiness' business: liveness counts silence from the reconnect.
+        self.last_activity_at = asyncio.get_running_loop().time()
         self._reset_credit("reconnected")
         for hook in self.reconnect_hooks:
             hook()
@@ -432,8 +434,15 @@ class Worker:
     ) -> str:
         assert self.js is not None
         deliveries = attempt or int(msg.metadata.num_delivered or 1)
+        trace = self.telemetry.current_headers() if self.telemetry is not None else None
         if not await dead_letter(
-            self.js, self.settings, msg, reason=reason, error=exc, deliveries=deliveries
+            self.js,
+            self.settings,
+            msg,
+            reason=reason,
+            error=exc,
+            deliveries=deliveries,
+            trace_headers=trace,
         ):
             await msg.nak(delay=self.settings.backoff[0])
             return "dlq_failed"
