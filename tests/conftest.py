@@ -23,10 +23,12 @@ Under ``CI=true`` a skipped test is reported as failed: CI must not pass on test
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
 import tomllib
+import warnings
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,15 +214,21 @@ class ContainerEngine:
 
 def _ping_engine() -> str | None:
     """None when an engine answers, else why not (one line)."""
-    try:
-        client = docker.from_env(timeout=10)
+    problem = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
         try:
-            client.ping()
-        finally:
-            client.close()
-    except Exception as exc:  # any failure means "no engine"; the reason is shown
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
+            client = docker.from_env(timeout=10)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except Exception as exc:  # any failure means "no engine"; the reason is shown
+            problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        # docker-py leaves a failed connection's socket to the garbage collector: close it here,
+        # where its ResourceWarning is ignored, not at some later test's expense.
+        gc.collect()
+    return problem
 
 
 @pytest.fixture(scope="session")
