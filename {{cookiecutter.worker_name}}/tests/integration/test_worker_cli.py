@@ -4,6 +4,7 @@ provisioning is idempotent and converges, health probes follow the worker's life
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +40,16 @@ def test_missing_creds_file_exits_78(worker_env: WorkerEnv, tmp_path: Path) -> N
     line = one_line_error(worker_env.cli("run", NATS_CREDS=missing), 78)
     assert "NATS_CREDS" in line
     assert str(missing) in line
+
+
+@pytest.mark.timeout(30)
+def test_health_port_in_use_exits_78(worker_env: WorkerEnv) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = worker_env.cli("run", HEALTH_PORT=port, HEALTH_HOST="127.0.0.1")
+    assert "HEALTH_PORT" in one_line_error(result, 78)
 
 
 @pytest.mark.timeout(30)
