@@ -1,4 +1,4 @@
-"""{{ cookiecutter.description }}"""
+{{ cookiecutter.description | tojson }}  # the package docstring, from the template answer
 
 from importlib.metadata import PackageNotFoundError, version
 

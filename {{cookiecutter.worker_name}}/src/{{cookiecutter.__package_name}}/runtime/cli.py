@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError
 from pydantic import ValidationError
@@ -60,6 +61,21 @@ def _run_async(factory: Callable[[], Awaitable[T]]) -> T:
     except ImportError:  # pragma: no cover - platforms without uvloop
         return asyncio.run(factory())  # type: ignore[arg-type]
     return uvloop.run(factory())  # type: ignore[arg-type]
+
+
+def _with_nats(settings: Settings, body: Callable[[Client], Awaitable[int]]) -> int:
+    """Run one CLI command's body on a fresh connection that is closed afterwards."""
+
+    async def go() -> int:
+        from .connection import connect
+
+        nc = await connect(settings)
+        try:
+            return await body(nc)
+        finally:
+            await nc.close()
+
+    return _run_async(go)
 
 
 # --------------------------------------------------------------------------------- run
@@ -188,20 +204,15 @@ def cmd_provision(args: argparse.Namespace) -> int:
     settings = load_settings()
     _setup_logging(settings)
 
-    async def go() -> int:
-        from .connection import connect
+    async def body(nc: Client) -> int:
         from .provision import provision
 
-        nc = await connect(settings)
-        try:
-            report = await provision(nc.jetstream(), settings)
-        finally:
-            await nc.close()
+        report = await provision(nc.jetstream(), settings)
         for line in report.lines():
             print(line)
         return EXIT_OK
 
-    return _run_async(go)
+    return _with_nats(settings, body)
 
 
 # --------------------------------------------------------------------------------- publish
@@ -293,19 +304,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings()
     _setup_logging(settings)
 
-    async def go() -> int:
-        from .connection import connect
+    async def body(nc: Client) -> int:
         from .status import collect, render
 
-        nc = await connect(settings)
-        try:
-            report = await collect(nc, settings)
-        finally:
-            await nc.close()
+        report = await collect(nc, settings)
         print(json.dumps(report, indent=2) if args.json else render(report))
         return EXIT_OK
 
-    return _run_async(go)
+    return _with_nats(settings, body)
 
 
 # --------------------------------------------------------------------------------- route
@@ -317,43 +323,24 @@ def cmd_route(args: argparse.Namespace) -> int:
     if args.lane and args.rollback:
         raise InputError("give a lane or --rollback, not both")
 
-    async def go() -> int:
+    async def body(nc: Client) -> int:
         from . import lanes
-        from .connection import connect
 
-        nc = await connect(settings)
-        try:
-            js = nc.jetstream()
-            if not args.lane and not args.rollback:
-                current = await lanes.current_lane(js, settings)
-                changes = await lanes.history(js, settings)
-                if args.json:
-                    print(
-                        json.dumps(
-                            {"current": current, "history": [c.__dict__ for c in changes]}, indent=2
-                        )
-                    )
-                else:
-                    print(f"new work -> lane {current}")
-                    if changes:
-                        print(f"\n{'WHEN':<21} {'FROM':<6} {'TO':<6} {'BY':<28} NOTE")
-                    for c in changes:
-                        print(
-                            f"{c.at:<21} {c.previous or '-':<6} {c.lane:<6} "
-                            f"{c.by[:28]:<28} {c.note}"
-                        )
-                return EXIT_OK
-            target = args.lane or await lanes.rollback_target(js, settings)
-            result = await lanes.switch(
-                nc,
-                settings,
-                target,
-                force=args.force,
-                take_backlog=args.take_backlog,
-                note="rollback" if args.rollback else (args.note or ""),
+        js = nc.jetstream()
+        if not args.lane and not args.rollback:
+            _print_route(
+                await lanes.current_lane(js, settings), await lanes.history(js, settings), args.json
             )
-        finally:
-            await nc.close()
+            return EXIT_OK
+        target = args.lane or await lanes.rollback_target(js, settings)
+        result = await lanes.switch(
+            nc,
+            settings,
+            target,
+            force=args.force,
+            take_backlog=args.take_backlog,
+            note="rollback" if args.rollback else (args.note or ""),
+        )
         if args.json:
             print(json.dumps(result.__dict__))
         elif not result.changed:
@@ -361,18 +348,27 @@ def cmd_route(args: argparse.Namespace) -> int:
         else:
             print(f"new work -> lane {result.lane} (was {result.previous})")
             if args.take_backlog:
-                print(
-                    f"moved {result.moved} waiting job(s) from lane {result.previous}"
-                    + (
-                        f"; {result.left_in_flight} still held by lane {result.previous} "
-                        "workers (they finish them there)"
-                        if result.left_in_flight
-                        else ""
-                    )
+                held = (
+                    f"; {result.left_in_flight} still held by lane {result.previous} workers "
+                    "(they finish them there)"
+                    if result.left_in_flight
+                    else ""
                 )
+                print(f"moved {result.moved} waiting job(s) from lane {result.previous}{held}")
         return EXIT_OK
 
-    return _run_async(go)
+    return _with_nats(settings, body)
+
+
+def _print_route(current: str | None, changes: Sequence[Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"current": current, "history": [c.__dict__ for c in changes]}, indent=2))
+        return
+    print(f"new work -> lane {current}")
+    if changes:
+        print(f"\n{'WHEN':<21} {'FROM':<6} {'TO':<6} {'BY':<28} NOTE")
+    for c in changes:
+        print(f"{c.at:<21} {c.previous or '-':<6} {c.lane:<6} {c.by[:28]:<28} {c.note}")
 
 
 # --------------------------------------------------------------------------------- dlq
@@ -382,45 +378,38 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     settings = load_settings()
     _setup_logging(settings)
 
-    async def go() -> int:
+    async def body(nc: Client) -> int:
         from . import dlq
-        from .connection import connect
 
-        nc = await connect(settings)
         js = nc.jetstream()
-        try:
-            if args.dlq_command == "list":
-                entries = [e async for e in dlq.iter_dead_letters(js, settings, args.limit)]
-                if args.json:
-                    print(json.dumps([e.summary for e in entries], indent=2))
-                else:
-                    _print_dlq(entries)
-            elif args.dlq_command == "replay":
-                wanted = set(args.seq or [])
-                if not wanted and not args.all:
-                    raise InputError("say which entries: --seq N [--seq M ...] or --all")
-                entries = [
-                    e
-                    async for e in dlq.iter_dead_letters(js, settings)
-                    if args.all or e.seq in wanted
-                ]
-                missing = wanted - {e.seq for e in entries}
-                if missing:
-                    raise InputError(f"no DLQ entry with seq {sorted(missing)}: see 'dlq list'")
-                telemetry = _telemetry(settings)
-                count = await dlq.replay(js, settings, entries, telemetry)
-                if telemetry is not None:
-                    telemetry.shutdown()
-                print(f"replayed {count} job(s) to {settings.ingress_subject}")
-            elif args.dlq_command == "purge":
-                if not args.yes:
-                    raise InputError("purging deletes every DLQ entry for good: add --yes")
-                print(f"purged {await dlq.purge(js, settings)} DLQ entr(ies)")
-        finally:
-            await nc.close()
+        if args.dlq_command == "list":
+            entries = [e async for e in dlq.iter_dead_letters(js, settings, args.limit)]
+            if args.json:
+                print(json.dumps([e.summary for e in entries], indent=2))
+            else:
+                _print_dlq(entries)
+        elif args.dlq_command == "replay":
+            wanted = set(args.seq or [])
+            if not wanted and not args.all:
+                raise InputError("say which entries: --seq N [--seq M ...] or --all")
+            entries = [
+                e async for e in dlq.iter_dead_letters(js, settings) if args.all or e.seq in wanted
+            ]
+            missing = wanted - {e.seq for e in entries}
+            if missing:
+                raise InputError(f"no DLQ entry with seq {sorted(missing)}: see 'dlq list'")
+            telemetry = _telemetry(settings)
+            count = await dlq.replay(js, settings, entries, telemetry)
+            if telemetry is not None:
+                telemetry.shutdown()
+            print(f"replayed {count} job(s) to {settings.ingress_subject}")
+        elif args.dlq_command == "purge":
+            if not args.yes:
+                raise InputError("purging deletes every DLQ entry for good: add --yes")
+            print(f"purged {await dlq.purge(js, settings)} DLQ entr(ies)")
         return EXIT_OK
 
-    return _run_async(go)
+    return _with_nats(settings, body)
 
 
 def _print_dlq(entries: Sequence[Any]) -> None:

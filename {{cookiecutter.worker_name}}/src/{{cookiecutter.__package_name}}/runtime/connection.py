@@ -69,23 +69,33 @@ async def connect(
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> Client:
-    """Connect, retrying for at most ``NATS_CONNECT_TIMEOUT`` seconds, then fail with one line."""
+    """Connect, retrying for at most ``NATS_CONNECT_TIMEOUT`` seconds, then fail with one line.
+
+    nats-py applies ``max_reconnect_attempts`` to the *initial* connect too, so "reconnect
+    forever" would make an unreachable server hang the start. The first connect therefore tries
+    each server a bounded number of times under our own deadline; only once connected does the
+    client switch to reconnecting forever (a running worker must survive broker restarts).
+    """
     opts = connect_options(settings)
+    opts["max_reconnect_attempts"] = 1
     servers = ", ".join(redact_url(u) for u in settings.nats_url)
     last_error: list[str] = []
+    connected: list[Client] = []  # set once connected
 
     async def error_cb(exc: Exception) -> None:
         text = str(exc) or type(exc).__name__
         if "authorization" in text.lower() or "permissions" in text.lower():
             last_error.append(text)
-        log.warning("nats error: %s", text)
-
-    closing: list[Client] = []  # set once connected; a disconnect while closing is expected
+        if connected:
+            log.warning("nats error: %s", text)
+        else:  # the outcome of the initial connect is reported once, below
+            log.debug("connect attempt failed: %s", text)
 
     async def disconnected_cb() -> None:
-        if closing and (closing[0].is_closed or closing[0].is_draining):
-            return
-        log.warning("disconnected from NATS; reconnecting")
+        if connected and (connected[0].is_closed or connected[0].is_draining):
+            return  # closing on purpose
+        if connected:
+            log.warning("disconnected from NATS; reconnecting")
         if on_disconnect is not None:
             await on_disconnect()
 
@@ -98,22 +108,24 @@ async def connect(
     deadline = loop.time() + settings.nats_connect_timeout
     delay = 0.2
     while True:
+        remaining = deadline - loop.time()
         try:
-            nc = await nats.connect(
-                **opts,
-                error_cb=error_cb,
-                disconnected_cb=disconnected_cb,
-                reconnected_cb=reconnected_cb,
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    **opts,
+                    error_cb=error_cb,
+                    disconnected_cb=disconnected_cb,
+                    reconnected_cb=reconnected_cb,
+                ),
+                timeout=max(remaining, 0.5),
             )
-            closing.append(nc)
-            return nc
         except (NoServersError, OSError, TimeoutError) as exc:
             if any("authorization" in e.lower() for e in last_error):
                 raise NotPermittedError(
                     f"NATS refused the credentials at {servers}: check NATS_USER/NATS_PASSWORD, "
                     "NATS_TOKEN, NATS_NKEY_SEED or NATS_CREDS"
                 ) from None
-            if loop.time() + delay > deadline:
+            if loop.time() + delay >= deadline:
                 raise UnavailableError(
                     f"cannot reach NATS at {servers} after {settings.nats_connect_timeout:g}s "
                     f"({type(exc).__name__}): check NATS_URL and that the server is running, "
@@ -126,3 +138,7 @@ async def connect(
                 f"TLS handshake with {servers} failed ({exc.reason or exc}): check NATS_TLS_CA, "
                 "NATS_TLS_CERT and NATS_TLS_KEY"
             ) from None
+        else:
+            nc.options["max_reconnect_attempts"] = -1  # from now on: reconnect forever
+            connected.append(nc)
+            return nc

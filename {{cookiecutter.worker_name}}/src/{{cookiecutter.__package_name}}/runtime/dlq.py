@@ -45,32 +45,58 @@ H_MSG_ID = "Dlq-Msg-Id"
 H_REPLAYED_FROM = "Dlq-Replayed-From"
 
 
-def dlq_headers(
-    msg: Msg, settings: Settings, *, reason: str, error: BaseException, deliveries: int
+def entry_headers(
+    original: Mapping[str, str] | None,
+    settings: Settings,
+    *,
+    reason: str,
+    subject: str,
+    stream: str,
+    seq: int,
+    deliveries: int,
+    error_type: str,
+    error: str,
 ) -> dict[str, str]:
-    meta = msg.metadata
-    headers = dict(msg.headers or {})
+    """The original headers plus the ``Dlq-*`` record of where the job came from and why."""
+    headers = dict(original or {})
     original_id = headers.pop("Nats-Msg-Id", None)
     headers.update(
         {
             H_REASON: reason,
-            H_SUBJECT: msg.subject,
-            H_STREAM: meta.stream,
-            H_SEQUENCE: str(meta.sequence.stream),
+            H_SUBJECT: subject,
+            H_STREAM: stream,
+            H_SEQUENCE: str(seq),
             H_DELIVERIES: str(deliveries),
-            H_ERROR_TYPE: type(error).__name__,
-            H_ERROR: describe(error),
+            H_ERROR_TYPE: error_type,
+            H_ERROR: error,
             H_VERSION: __version__,
             H_LANE: settings.lane,
             H_TIME: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             # One DLQ entry per stored message: a retried DLQ publish is deduplicated, while
             # the same job failing after a replay (a new stream sequence) gets its own entry.
-            "Nats-Msg-Id": f"dlq:{meta.stream}:{meta.sequence.stream}",
+            "Nats-Msg-Id": f"dlq:{stream}:{seq}",
         }
     )
     if original_id is not None:
         headers[H_MSG_ID] = original_id
     return headers
+
+
+def dlq_headers(
+    msg: Msg, settings: Settings, *, reason: str, error: BaseException, deliveries: int
+) -> dict[str, str]:
+    meta = msg.metadata
+    return entry_headers(
+        msg.headers,
+        settings,
+        reason=reason,
+        subject=msg.subject,
+        stream=meta.stream,
+        seq=meta.sequence.stream,
+        deliveries=deliveries,
+        error_type=type(error).__name__,
+        error=describe(error),
+    )
 
 
 async def dead_letter(
@@ -240,25 +266,17 @@ class MaxDeliveriesRescue:
             raw = await self.js.get_msg(s.stream_name, seq=seq)
         except NotFoundError:
             return  # already rescued (or acknowledged in the meantime)
-        headers = dict(raw.headers or {})
-        original_id = headers.pop("Nats-Msg-Id", None)
-        headers.update(
-            {
-                H_REASON: "max_deliveries",
-                H_SUBJECT: raw.subject or "",
-                H_STREAM: s.stream_name,
-                H_SEQUENCE: str(seq),
-                H_DELIVERIES: str(deliveries),
-                H_ERROR_TYPE: "MaxDeliveriesExceeded",
-                H_ERROR: "no delivery settled (the worker died each time); JetStream stopped",
-                H_VERSION: __version__,
-                H_LANE: s.lane,
-                H_TIME: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "Nats-Msg-Id": f"dlq:{s.stream_name}:{seq}",
-            }
+        headers = entry_headers(
+            raw.headers,
+            s,
+            reason="max_deliveries",
+            subject=raw.subject or "",
+            stream=s.stream_name,
+            seq=seq,
+            deliveries=deliveries,
+            error_type="MaxDeliveriesExceeded",
+            error="no delivery settled (the worker died each time); JetStream stopped",
         )
-        if original_id is not None:
-            headers[H_MSG_ID] = original_id
         await self.js.publish(s.dlq_subject, raw.data or b"", headers=headers, timeout=5.0)
         await self.js.delete_msg(s.stream_name, seq)
         log.warning(

@@ -35,7 +35,7 @@ from .names import WORKER_NAME
 from .publish import publish_many
 from .registry import discover
 from .settings import Settings
-from .topology import lane_of, route_transform
+from .topology import ensure_bucket, lane_of, route_transform
 
 log = logging.getLogger(__name__)
 ROUTE_KEY = "route"
@@ -72,20 +72,16 @@ class RouteChange:
 
 async def ensure_route_bucket(js: JetStreamContext, settings: Settings) -> bool:
     """Create the route-history bucket if missing; True when it was created."""
-    try:
-        await js.key_value(route_bucket(settings))
-        return False
-    except BucketNotFoundError:
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=route_bucket(settings),
-                history=64,
-                storage=StorageType.FILE,
-                replicas=settings.stream_replicas,
-                description=f"{WORKER_NAME} route history",
-            )
-        )
-        return True
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=route_bucket(settings),
+            history=64,
+            storage=StorageType.FILE,
+            replicas=settings.stream_replicas,
+            description=f"{WORKER_NAME} route history",
+        ),
+    )
 
 
 async def record(js: JetStreamContext, settings: Settings, change: RouteChange) -> None:

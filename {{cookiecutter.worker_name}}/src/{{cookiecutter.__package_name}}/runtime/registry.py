@@ -34,6 +34,7 @@ from nats.micro.service import Service
 from .. import __version__
 from .names import DESCRIPTION, WORKER_NAME
 from .settings import Settings
+from .topology import ensure_bucket
 
 log = logging.getLogger(__name__)
 Snapshot = Callable[[], dict[str, Any]]
@@ -45,21 +46,17 @@ def registry_bucket(settings: Settings) -> str:
 
 async def ensure_registry_bucket(js: JetStreamContext, settings: Settings) -> bool:
     """Create the heartbeat bucket if missing; True when it was created."""
-    try:
-        await js.key_value(registry_bucket(settings))
-        return False
-    except BucketNotFoundError:
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=registry_bucket(settings),
-                history=1,
-                ttl=settings.instance_ttl,
-                storage=StorageType.MEMORY if settings.stream_replicas == 1 else StorageType.FILE,
-                replicas=settings.stream_replicas,
-                description=f"{WORKER_NAME} instance heartbeats",
-            )
-        )
-        return True
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=registry_bucket(settings),
+            history=1,
+            ttl=settings.instance_ttl,
+            storage=StorageType.MEMORY if settings.stream_replicas == 1 else StorageType.FILE,
+            replicas=settings.stream_replicas,
+            description=f"{WORKER_NAME} instance heartbeats",
+        ),
+    )
 
 
 class Registry:
@@ -77,6 +74,7 @@ class Registry:
             "lane": settings.lane,
             "instance": self.instance,
             "state": "starting",
+            "stream": settings.stream_name,  # one worker name may serve several deployments
         }
 
     async def start(self) -> None:
@@ -141,7 +139,10 @@ class Registry:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.beat("stopped")
+        if self.nc.is_connected:  # during an outage the final beat would only wait and fail
+            await self.beat("stopped")
+        else:
+            log.info("final heartbeat skipped: not connected (the entry expires by itself)")
         if self._service is not None:
             with contextlib.suppress(Exception):
                 await self._service.stop()
@@ -149,7 +150,11 @@ class Registry:
 
 
 async def discover(nc: Client, settings: Settings, window: float = 0.5) -> list[dict[str, Any]]:
-    """Ask every live instance (``$SRV.INFO.<worker>``); collect answers for ``window`` s."""
+    """Ask every live instance of this stream (``$SRV.INFO.<worker>``) for ``window`` seconds.
+
+    Instances of the same worker serving another stream on the account (staging next to
+    production, say) answer too; their metadata names their stream, and they are left out.
+    """
     inbox = nc.new_inbox()
     found: list[dict[str, Any]] = []
 
@@ -167,7 +172,7 @@ async def discover(nc: Client, settings: Settings, window: float = 0.5) -> list[
         await asyncio.sleep(window)  # scatter-gather: answers have no count to wait for
     finally:
         await sub.unsubscribe()
-    return found
+    return [i for i in found if i.get("stream") == settings.stream_name]
 
 
 async def heartbeats(js: JetStreamContext, settings: Settings) -> list[dict[str, Any]]:

@@ -104,6 +104,9 @@ class LaneWatcher:
                 log.info("lane %s is current again: back to running", lane)
                 self.worker.retiring = False
             return
+        if not self.was_current:
+            # Not seen live (paused or partitioned while it happened)? The history knows.
+            self.was_current = lane in {c.lane for c in await history(js, self.settings)}
         if not (self.was_current and self.settings.auto_retire):
             return
         if not self.worker.retiring:

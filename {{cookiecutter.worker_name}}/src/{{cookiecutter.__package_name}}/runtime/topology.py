@@ -14,6 +14,7 @@ it when it creates the stream; afterwards it never moves it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
@@ -22,13 +23,14 @@ from nats.js.api import (
     ConsumerConfig,
     ConsumerInfo,
     DeliverPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
     StreamInfo,
     SubjectTransform,
 )
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
 from .errors import NotPermittedError, ProvisionError
 from .names import WORKER_NAME
@@ -130,11 +132,21 @@ _CONSUMER_FIELDS = (
 _STREAM_FIELDS = ("subjects", "retention", "storage", "num_replicas", "duplicate_window")
 
 
+def _same(new: object, old: object) -> bool:
+    """Equal, treating durations as equal to the nanosecond (the server stores whole ns, so
+    33.3 s reads back as 33.299999999 s and would look like a change on every start)."""
+    if isinstance(new, int | float) and isinstance(old, int | float):
+        return math.isclose(new, old, rel_tol=0, abs_tol=1e-6)
+    if isinstance(new, list) and isinstance(old, list):
+        return len(new) == len(old) and all(_same(a, b) for a, b in zip(new, old, strict=True))
+    return new == old
+
+
 def _diff(want: object, have: object, fields: tuple[str, ...]) -> dict[str, tuple[object, object]]:
     changes = {}
     for name in fields:
         new, old = getattr(want, name), getattr(have, name)
-        if new is not None and new != old:
+        if new is not None and not _same(new, old):
             changes[name] = (old, new)
     return changes
 
@@ -189,7 +201,7 @@ async def ensure_stream(
     if keep_route:  # the live route is the route command's, never provisioning's
         want.subject_transform = info.config.subject_transform
     changes = _diff(want, info.config, _STREAM_FIELDS)
-    if want.max_age is not None and want.max_age != info.config.max_age:
+    if want.max_age is not None and not _same(want.max_age, info.config.max_age):
         changes["max_age"] = (info.config.max_age, want.max_age)
     if not changes:
         report.unchanged.append(name)
@@ -247,3 +259,13 @@ async def ensure_consumer(
     else:
         report.updated.append(f"{name} ({_describe(changes)})")
     return info
+
+
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> bool:
+    """Create a KV bucket if missing; True when it was created."""
+    try:
+        await js.key_value(config.bucket or "")
+        return False
+    except BucketNotFoundError:
+        await js.create_key_value(config)
+        return True

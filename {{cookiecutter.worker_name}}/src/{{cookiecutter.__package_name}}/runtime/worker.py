@@ -127,6 +127,9 @@ class Worker:
         self._refill = max(1, min(settings.fetch_batch, settings.concurrency) // 2)
         self._room = asyncio.Event()
         self._activity = 0  # bumped by every delivery and status; the beat watches it
+        self._refused_backoff = 0.0  # pause after the server refused a pull request
+        self._refused_until = 0.0
+        self._refused_logged = 0.0
         self._puller: asyncio.Task[None] | None = None
         self._log_jobs = log.isEnabledFor(logging.DEBUG)  # decided once, not per message
         self._psub: JetStreamContext.PullSubscription | None = None
@@ -210,7 +213,10 @@ class Worker:
                 try:
                     await asyncio.wait_for(self.nc.drain(), timeout=5.0)
                 except Exception:  # a dead broker must not turn a clean stop into a crash
-                    await self.nc.close()
+                    try:
+                        await self.nc.close()
+                    except Exception as exc:  # nats-py may fail flushing into a dead socket
+                        log.debug("closing the connection failed: %s", exc)
         log.info("stopped (%s) %s", self.stop_reason or "done", _fmt(self.counters.as_dict()))
         return self.exit_code
 
@@ -282,6 +288,10 @@ class Worker:
                 self._room.clear()
                 await self._room.wait()
                 continue
+            pause = self._refused_until - asyncio.get_running_loop().time()
+            if pause > 0:  # the server refused our last pull (consumer gone, leader moving...)
+                await asyncio.sleep(pause)
+                continue
             batch = min(free, batch_max)
             request = json.dumps({"batch": batch, "expires": expires, "idle_heartbeat": heartbeat})
             try:
@@ -305,11 +315,26 @@ class Worker:
         else:
             self._credit = 0
         self._room.set()
-        if code not in ("404", "408"):
-            description = headers.get("Description", "")
-            log.warning("pull request ended: %s %s", code, description)
-            if "deleted" in description.lower():
-                asyncio.get_running_loop().create_task(self._reprovision())
+        if code in ("404", "408"):  # no messages / expired: the normal end of a pull
+            self._refused_backoff = 0.0
+            return
+        # Refused (409 consumer deleted, leadership change, max waiting...; 503): ask again
+        # after a growing pause instead of spinning, and say so once per step.
+        description = headers.get("Description", "").split("\n", 1)[0].strip()
+        if not description and code == "503":
+            description = "no responders (is the consumer there?)"
+        self._refused_backoff = min(max(0.1, self._refused_backoff * 2), 5.0)
+        self._refused_until = asyncio.get_running_loop().time() + self._refused_backoff
+        if self._refused_backoff != self._refused_logged:
+            self._refused_logged = self._refused_backoff
+            log.warning(
+                "pull request refused: %s %s; asking again in %gs",
+                code,
+                description,
+                self._refused_backoff,
+            )
+        if "deleted" in description.lower():
+            asyncio.get_running_loop().create_task(self._reprovision())
 
     async def _reprovision(self) -> None:
         if self.settings.provision and self.js is not None and not self.stopping.is_set():
