@@ -1,6 +1,6 @@
-"""Known chassis bugs, each pinned by a focused test that fails until the chassis is fixed.
+"""Regression: an unreachable server at startup gives one line and exit 69, not a hang.
 
-Kept apart from the other tests on purpose: nothing here is skipped or xfailed to hide it.
+(Was a chassis bug, fixed in runtime/connection.py.)
 
 Unreachable NATS at startup never gives up. ``connection.connect`` passes
 ``max_reconnect_attempts=-1`` (right for a running worker) to ``nats.connect``, and nats-py applies

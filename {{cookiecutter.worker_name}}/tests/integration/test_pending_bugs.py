@@ -80,12 +80,12 @@ def test_a_refused_pull_request_does_not_make_the_puller_spin(worker_env: Worker
         await js.delete_consumer(env.stream, DURABLE)
 
     env.js(delete_consumer)
-    worker.wait_msg("pull request ended", timeout=10)  # the worker noticed
+    worker.wait_msg("pull request refused", timeout=10)  # the worker noticed
     # A measurement window, not synchronisation: how many refusals in 2 s?
     window = 2.0
-    before = len(worker.with_msg("pull request ended"))
+    before = len(worker.with_msg("pull request refused"))
     time.sleep(window)
-    refusals = len(worker.with_msg("pull request ended")) - before
+    refusals = len(worker.with_msg("pull request refused")) - before
     assert worker.proc is not None
     assert worker.proc.poll() is None
     assert refusals < 20, f"{refusals} refused pull requests logged in {window:g}s: a busy loop"
