@@ -1,0 +1,238 @@
+"""A generated project takes a chassis update from a newer template and keeps its own code.
+
+The scenario, with real tools and real git repositories in a temporary directory:
+
+1. the template (this repository's working tree) is committed to a scratch git repo: commit A;
+2. ``cruft create`` generates a project from A; the project is committed to its own git repo;
+3. the user edits ``handler.py`` (their business logic) and commits;
+4. the template changes a chassis file (``runtime/worker.py``): commit B;
+5. ``cruft update -y`` in the project;
+6. the chassis change arrived, the user's edit is intact, ``.cruft.json`` points at B, and the
+   project's unit tests still pass.
+
+Updating without cruft (the generated ``.cookiecutter.json`` is a replay file,
+``{"cookiecutter": {...answers...}}``)::
+
+    git status                       # commit or stash first: the merge needs a clean tree
+    git -C TEMPLATE worktree add /tmp/tmpl-old OLD    # the template version you generated from
+    git -C TEMPLATE worktree add /tmp/tmpl-new NEW    # the version you want
+    cookiecutter --replay-file .cookiecutter.json /tmp/tmpl-old -o /tmp/old   # no prompts
+    cookiecutter --replay-file .cookiecutter.json /tmp/tmpl-new -o /tmp/new
+    (cd /tmp && git diff --no-index --binary old/WORKER new/WORKER) > chassis.patch
+    git apply -3 -p3 chassis.patch   # 3-way merge: conflicts only where you changed the same lines
+    git diff                         # review; resolve conflicts (usually only handler.py/job.py)
+
+The patch also updates ``_template`` in ``.cookiecutter.json``, so the next update replays from
+the version you are on now.
+
+The second test below runs exactly that procedure, so this documentation cannot rot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+WORKER = "update-probe"  # not the default name: nothing installed in this venv shadows it
+PACKAGE = WORKER.replace("-", "_")
+CHASSIS_FILE = Path("src", PACKAGE, "runtime", "worker.py")
+TEMPLATE_CHASSIS_FILE = Path(
+    "{{cookiecutter.worker_name}}", "src", "{{cookiecutter.__package_name}}", "runtime", "worker.py"
+)
+CHASSIS_MARK = "# chassis update B: the template's newer worker.py"
+USER_MARK = "    # user edit: our own business rule lives here"
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Template Test",
+    "GIT_AUTHOR_EMAIL": "template-test@example.com",
+    "GIT_COMMITTER_NAME": "Template Test",
+    "GIT_COMMITTER_EMAIL": "template-test@example.com",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+) -> str:
+    """Run a command; a non-zero exit fails the test with its output."""
+    result = subprocess.run(
+        [os.fspath(c) for c in cmd],
+        cwd=cwd,
+        env={**os.environ, **GIT_IDENTITY, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"`{' '.join(map(str, cmd))}` exited {result.returncode} in {cwd}\n"
+            f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}",
+            pytrace=False,
+        )
+    return result.stdout
+
+
+def git(repo: Path, *args: str) -> str:
+    return run(["git", "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main", *args], repo)
+
+
+def tool(name: str) -> str:
+    """A console script of this environment (cruft, cookiecutter)."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    assert found, f"{name} is not installed (it is in the template's test extra)"
+    return found
+
+
+@dataclass(frozen=True)
+class Template:
+    repo: Path
+    commit_a: str
+    commit_b: str
+
+
+def copy_working_tree(dest: Path) -> None:
+    """The template as it is now (tracked and new files, nothing git ignores)."""
+    listed = git(REPO_ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    for rel in filter(None, listed.split("\0")):
+        source = REPO_ROOT / rel
+        if source.is_file():
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
+    """Commit A: the template today. The chassis change B is committed by the first test."""
+    repo = tmp_path_factory.mktemp("template-repo")
+    copy_working_tree(repo)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "template A")
+    commit_a = git(repo, "rev-parse", "HEAD").strip()
+    chassis = repo / TEMPLATE_CHASSIS_FILE
+    chassis.write_text(chassis.read_text(encoding="utf-8") + f"\n{CHASSIS_MARK}\n", "utf-8")
+    git(repo, "commit", "-q", "-am", "template B: a chassis change")
+    commit_b = git(repo, "rev-parse", "HEAD").strip()
+    return Template(repo, commit_a, commit_b)
+
+
+def user_edits_handler(project: Path) -> None:
+    handler = project / "src" / PACKAGE / "handler.py"
+    text = handler.read_text(encoding="utf-8")
+    anchor = '    """Process one job. Replace the body with your own logic."""\n'
+    assert anchor in text, "handler.py changed shape: update this test's anchor"
+    handler.write_text(text.replace(anchor, anchor + USER_MARK + "\n"), encoding="utf-8")
+    git(project, "commit", "-q", "-am", "user: our business rule")
+
+
+def assert_updated(project: Path) -> None:
+    assert CHASSIS_MARK in (project / CHASSIS_FILE).read_text(encoding="utf-8")
+    assert USER_MARK in (project / "src" / PACKAGE / "handler.py").read_text(encoding="utf-8")
+    leftovers = [p.name for p in project.rglob("*") if p.suffix in (".rej", ".orig")]
+    assert not leftovers, f"merge leftovers: {leftovers}"
+
+
+def unit_tests_pass(project: Path) -> None:
+    run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/unit"],
+        project,
+        env={"PYTHONPATH": str(project / "src")},
+        timeout=600,
+    )
+
+
+@pytest.mark.timeout(600)
+def test_cruft_update_brings_the_chassis_change_and_keeps_the_user_edit(
+    template: Template, tmp_path: Path, cookiecutter_config: Path
+) -> None:
+    env = {"COOKIECUTTER_CONFIG": str(cookiecutter_config)}
+    context = json.dumps({"worker_name": WORKER})
+    run(
+        [tool("cruft"), "create", template.repo, "--no-input", "--checkout", template.commit_a,
+         "--output-dir", tmp_path, "--extra-context", context],
+        tmp_path,
+        env,
+    )  # fmt: skip
+    project = tmp_path / WORKER
+    assert json.loads((project / ".cruft.json").read_text())["commit"] == template.commit_a
+    assert CHASSIS_MARK not in (project / CHASSIS_FILE).read_text(encoding="utf-8")
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "generated from template A")
+    user_edits_handler(project)
+
+    run([tool("cruft"), "update", "-y", "--checkout", template.commit_b], project, env)
+
+    assert_updated(project)
+    assert json.loads((project / ".cruft.json").read_text())["commit"] == template.commit_b
+    changed = git(project, "status", "--porcelain").split("\n")
+    assert any(CHASSIS_FILE.as_posix() in line for line in changed), changed
+    assert not any("handler.py" in line for line in changed), changed  # untouched by the update
+    unit_tests_pass(project)
+
+
+@pytest.mark.timeout(600)
+def test_the_documented_manual_merge_without_cruft_works(
+    template: Template, tmp_path: Path, cookiecutter_config: Path
+) -> None:
+    """The docstring's procedure, step by step, on a project generated by plain cookiecutter."""
+    cookiecutter = tool("cookiecutter")
+    config = ["--config-file", str(cookiecutter_config)]
+    old_tree, new_tree = tmp_path / "tmpl-old", tmp_path / "tmpl-new"
+    git(template.repo, "worktree", "add", "-q", "--detach", str(old_tree), template.commit_a)
+    git(template.repo, "worktree", "add", "-q", "--detach", str(new_tree), template.commit_b)
+
+    run([cookiecutter, "--no-input", *config, old_tree, f"worker_name={WORKER}",
+         "-o", tmp_path / "projects"], tmp_path)  # fmt: skip
+    project = tmp_path / "projects" / WORKER
+    replay = project / ".cookiecutter.json"
+    answers = json.loads(replay.read_text(encoding="utf-8"))
+    assert set(answers) == {"cookiecutter"}
+    assert answers["cookiecutter"]["worker_name"] == WORKER
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "generated from template A")
+    user_edits_handler(project)
+
+    for tree, out in ((old_tree, tmp_path / "old"), (new_tree, tmp_path / "new")):
+        run([cookiecutter, *config, "--replay-file", replay, tree, "-o", out], tmp_path)
+    diff = subprocess.run(
+        ["git", "diff", "--no-index", "--binary", f"old/{WORKER}", f"new/{WORKER}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert diff.returncode == 1, diff.stderr  # 1: the trees differ
+    patch = tmp_path / "chassis.patch"
+    patch.write_text(diff.stdout, encoding="utf-8")
+    touched = {
+        line.split(" b/", 1)[1]
+        for line in diff.stdout.splitlines()
+        if line.startswith("diff --git")
+    }
+    # The chassis change, and the replay file's record of which template it came from.
+    expected = {CHASSIS_FILE.as_posix(), ".cookiecutter.json"}
+    assert touched == {f"new/{WORKER}/{rel}" for rel in expected}, touched
+
+    git(project, "apply", "-3", "-p3", str(patch))
+
+    assert_updated(project)
