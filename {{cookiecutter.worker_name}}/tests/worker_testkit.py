@@ -85,6 +85,16 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far; None where /proc is not available."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def http_status(url: str, timeout: float = 1.0) -> int | None:
     """HTTP status of a GET, or None when nothing answers."""
     try:
@@ -105,9 +115,10 @@ class NatsServer:
     The port and the store directory stay the same across restarts, so JetStream state survives.
     """
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, *, jetstream: bool = True) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
+        self.jetstream = jetstream
         self.log_path = store_dir.parent / f"nats-server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -122,8 +133,9 @@ class NatsServer:
     def start(self, timeout: float = 15.0) -> NatsServer:
         assert not self.running, "already running"
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [find_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port)]
-        cmd += ["-sd", str(self.store_dir)]
+        cmd = [find_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            cmd += ["-js", "-sd", str(self.store_dir)]
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

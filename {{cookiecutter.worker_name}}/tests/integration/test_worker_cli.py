@@ -116,6 +116,23 @@ def test_provision_is_idempotent_and_updates_the_consumer(worker_env: WorkerEnv)
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("name", "value", "thing"),
+    [("DUPLICATE_WINDOW", "33.3", "stream"), ("ACK_WAIT", "2.01", "consumer")],
+)
+def test_provision_converges_with_fractional_durations(
+    worker_env: WorkerEnv, name: str, value: str, thing: str
+) -> None:
+    """Was a chassis bug: the server keeps whole nanoseconds and nats-py truncates (33.3 s reads
+    back as 33.299999999 s), so an exact float comparison saw a change on every start."""
+    env = worker_env
+    env.provision(**{name: value})
+    again = env.provision(**{name: value}).splitlines()
+    changed = [line for line in again if line.startswith(("created", "updated"))]
+    assert not changed, f"{name}={value} provisioned twice still changes the {thing}: {changed}"
+
+
+@pytest.mark.timeout(60)
 def test_health_probes_follow_the_lifecycle(worker_env: WorkerEnv) -> None:
     env = worker_env
     port = free_port()
