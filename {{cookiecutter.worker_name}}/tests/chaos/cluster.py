@@ -234,9 +234,20 @@ class NatsCluster:
                 health = node.monitor("/healthz")
                 if not health or health.get("status") != "ok":
                     return False
-            return self.meta_leader() is not None
+            return self.meta_current()
 
-        poll(check, timeout, "cluster healthy with a meta leader", interval=0.1)
+        poll(check, timeout, "cluster healthy, every live peer current with the meta leader", 0.1)
+
+    def meta_current(self) -> bool:
+        """The meta leader sees every other live node as a current peer (placement works)."""
+        leader = self.meta_leader()
+        if leader is None:
+            return False
+        jsz = self.node(leader).monitor("/jsz")
+        replicas = ((jsz or {}).get("meta_cluster") or {}).get("replicas") or []
+        current = {str(r.get("name")) for r in replicas if r.get("current")}
+        live = {n.name for n in self.nodes if n.alive and not n.paused and n.name != leader}
+        return live <= current
 
     def meta_leader(self) -> str | None:
         for node in self.nodes:
@@ -309,9 +320,10 @@ class NatsCluster:
         return None
 
     async def connect(self, **options: Any) -> Client:
-        """An admin connection to every node (fails over like a worker)."""
+        """An admin connection to the nodes that answer now (fails over like a worker)."""
+        reachable = [n.url for n in self.nodes if n.alive and not n.paused]
         opts: dict[str, Any] = {
-            "servers": self.urls,
+            "servers": reachable or self.urls,
             "connect_timeout": 2,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.2,

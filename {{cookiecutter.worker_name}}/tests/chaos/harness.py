@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -291,9 +292,12 @@ class Fleet:
         self.cluster.note(f"worker {worker.name} exited {code}")
         return code
 
-    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 60.0, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", PACKAGE, *args],
+            input=stdin,
             env=self.env(LOG_LEVEL="WARNING"),
             cwd=self.workdir,
             capture_output=True,
@@ -610,12 +614,33 @@ def _duplicate_cause(
         int(r.get("attempt") or 1) > int(first.get("attempt") or 1) for r in runs[1:]
     )
     near = [what for at, what in faults if at + FAULT_WINDOW[0] <= t <= at + FAULT_WINDOW[1]]
+    kind = near[-1].split(" node ")[0].split(" worker ")[0] if near else ""
     if later_attempt and near:
-        kind = near[-1].split(" node ")[0].split(" worker ")[0]
         return f"ack lost around a fault ({kind})"
+    if near:  # the same delivery count twice: a new consumer leader had not seen the delivery
+        return f"redelivered by a new consumer leader around a fault ({kind})"
     if later_attempt:
         return "redelivered after ack_wait, no fault nearby (unexplained)"
-    return "same attempt delivered twice (unexplained)"
+    return "same attempt delivered twice, no fault nearby (unexplained)"
+
+
+def describe_duplicates(result: Accounting, fleet: Fleet, limit: int = 5) -> list[str]:
+    """Each run of the first few duplicated jobs: when (relative to the first fault), where."""
+    faults = [at for at, what in fleet.cluster.events if _is_fault(what)]
+    origin = faults[0] if faults else 0.0
+    runs: dict[str, list[Record]] = {}
+    for record in fleet.done_records():
+        if str(record.get("job_id")) in result.duplicates:
+            runs.setdefault(str(record.get("job_id")), []).append(record)
+    out: list[str] = []
+    for job_id in sorted(runs)[:limit]:
+        parts = [
+            f"{r.get('_worker')}@{float(r['_t']) - origin:+.2f}s seq={r.get('stream_seq')} "
+            f"attempt={r.get('attempt')}"
+            for r in sorted(runs[job_id], key=lambda r: float(r["_t"]))
+        ]
+        out.append(f"{job_id}: " + " | ".join(parts))
+    return out
 
 
 def account(
@@ -739,6 +764,29 @@ def stream_messages(cluster: NatsCluster, stream: str, timeout: float = 20.0) ->
     return admin(cluster, read, timeout + 10)
 
 
+def leftovers(cluster: NatsCluster, stream: str, limit: int = 10) -> list[str]:
+    """The first messages still stored in the work stream: sequence, subject and job id."""
+
+    async def read(nc: Client) -> list[str]:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        seq, out = info.state.first_seq, list[str]()
+        while seq and seq <= info.state.last_seq and len(out) < limit:
+            try:
+                raw = await js.get_msg(stream, seq=seq, next=True)
+            except Exception:
+                break
+            msg_id = (raw.headers or {}).get("Nats-Msg-Id")
+            out.append(f"seq {raw.seq} {raw.subject} {msg_id}")
+            seq = (raw.seq or seq) + 1
+        return out
+
+    try:
+        return admin(cluster, read)
+    except Exception as exc:  # diagnostics only
+        return [f"could not read: {exc!r}"]
+
+
 def place_leaders(
     cluster: NatsCluster,
     fleet: Fleet,
@@ -788,3 +836,106 @@ def leaders(cluster: NatsCluster, fleet: Fleet, lanes: tuple[str, ...] = ("v1",)
         return out
 
     return admin(cluster, read, 120)
+
+
+# --------------------------------------------------------------------------------- scenarios
+
+
+def start_workers(fleet: Fleet, count: int, lane: str = "v1", **env: str) -> list[WorkerProc]:
+    """The first worker provisions alone; the others start together once it is bound."""
+    first = fleet.start(f"{lane}-w1", lane, **env)
+    fleet.wait_started(first)
+    rest = [fleet.start(f"{lane}-w{i}", lane, **env) for i in range(2, count + 1)]
+    if rest:
+        fleet.wait_started(*rest)
+    return [first, *rest]
+
+
+def busiest_node(cluster: NatsCluster, workers: list[WorkerProc]) -> str:
+    """The node most of ``workers`` are connected to (the one to break)."""
+    where = [cluster.client_node(w.name) for w in workers]
+    counts = {n.name: where.count(n.name) for n in cluster.nodes}
+    return max(counts, key=lambda name: counts[name])
+
+
+def sleep_until(t0: float, offset: float) -> None:
+    time.sleep(max(0.0, t0 + offset - time.time()))
+
+
+def finish(
+    scenario: str,
+    pub: LoadPublisher,
+    fleet: Fleet,
+    results: list[Accounting],
+    started: float,
+    *,
+    settle: float = 40.0,
+    facts: dict[str, object] | None = None,
+) -> Accounting:
+    """Wait for the publisher and the backlog, then account, print and record."""
+    pub.join(pub.duration + pub.give_up_after + 30)
+    cluster = fleet.cluster
+    settled = wait_settled(
+        pub, fleet, settle, dlq_count=lambda: stream_messages(cluster, fleet.dlq_stream)
+    )
+    dlq = fleet.dlq_entries()
+    left = stream_messages(cluster, fleet.stream)
+    result = account(scenario, pub, fleet, dlq, stream_left=left, started=started)
+    result.facts["settled within bound"] = settled
+    result.facts["DLQ publish failures logged"] = fleet.count("DLQ publish failed")
+    result.facts["pull re-issued (silent request)"] = fleet.count(
+        "re-issuing pull requests (pull request went silent)"
+    )
+    result.facts["pull re-issued (reconnect)"] = fleet.count(
+        "re-issuing pull requests (reconnected)"
+    )
+    result.facts.update(facts or {})
+    if result.duplicates:
+        result.facts["duplicates (t from 1st fault)"] = describe_duplicates(result, fleet)
+    if left:
+        result.facts["left in the work stream"] = leftovers(cluster, fleet.stream)
+    print(result.report())
+    print("events:\n" + "\n".join(f"  {t:.3f} {what}" for t, what in cluster.events))
+    results.append(result)
+    return result
+
+
+def assert_accounting(result: Accounting, pub: LoadPublisher, *, duplicates: str) -> None:
+    """``duplicates``: "none" (must be 0) or "explained" (each one caused by a fault)."""
+    report = result.report()
+    assert pub.crash is None, pub.crash
+    assert not pub.final_failures, f"publishes given up: {list(pub.final_failures.items())[:3]}"
+    assert result.published > 0
+    assert not result.lost, f"lost jobs\n{report}"
+    assert not result.stored_twice, f"dedup failed: jobs stored twice\n{report}"
+    assert not result.unexpected, report
+    assert not result.dlq_without_reason, report
+    assert not result.dlq_reason_mismatch, report
+    assert not result.wrongly_dead_lettered, report
+    assert not result.poison_processed, report
+    assert result.stream_left == 0, f"messages stuck in the work stream\n{report}"
+    if duplicates == "none":
+        assert not result.duplicates, report
+    else:
+        unexplained = {c: n for c, n in result.duplicate_causes.items() if "unexplained" in c}
+        assert not unexplained, report
+
+
+def processing_gap(records: list[Record], start: float, end: float) -> float:
+    """The longest time without any ``job done`` line across the fleet in [start, end]."""
+    times = sorted(float(r["_t"]) for r in records if start <= float(r["_t"]) <= end)
+    points = [start, *times, end]
+    return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
+
+
+def recovery(worker: WorkerProc, since: float, until: float) -> dict[str, float | None]:
+    """After a fault at ``since``: when this worker reconnected, and its longest idle time."""
+    reconnect = next(
+        (r["_t"] for r in worker.matching("reconnected to NATS") if r["_t"] >= since), None
+    )
+    first_done = next((r["_t"] for r in worker.done() if r["_t"] >= since), None)
+    return {
+        "reconnected_after_s": None if reconnect is None else round(reconnect - since, 2),
+        "first_job_after_s": None if first_done is None else round(first_done - since, 2),
+        "longest_idle_s": round(processing_gap(worker.done(), since, until), 2),
+    }

@@ -16,7 +16,6 @@ Partition: simulated by SIGSTOP/SIGCONT of one node, see :func:`test_partition_o
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable
@@ -35,119 +34,28 @@ from .harness import (
     Fleet,
     Knobs,
     LoadPublisher,
-    Record,
-    WorkerProc,
-    account,
     admin,
+    assert_accounting,
+    busiest_node,
+    finish,
     job_kind,
     knobs,
     leaders,
     place_leaders,
-    stream_messages,
-    wait_settled,
+    processing_gap,
+    recovery,
+    sleep_until,
+    start_workers,
 )
 
 K: Knobs = knobs()
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(K.timeout)]
-
-
-# --------------------------------------------------------------------------------- helpers
-
-
-def start_workers(fleet: Fleet, count: int, lane: str = "v1", **env: str) -> list[WorkerProc]:
-    """The first worker provisions alone; the others start together once it is bound."""
-    first = fleet.start(f"{lane}-w1", lane, **env)
-    fleet.wait_started(first)
-    rest = [fleet.start(f"{lane}-w{i}", lane, **env) for i in range(2, count + 1)]
-    if rest:
-        fleet.wait_started(*rest)
-    return [first, *rest]
-
-
-def busiest_node(cluster: NatsCluster, workers: list[WorkerProc]) -> str:
-    """The node most of ``workers`` are connected to (the one to break)."""
-    where = [cluster.client_node(w.name) for w in workers]
-    counts = {n.name: where.count(n.name) for n in cluster.nodes}
-    return max(counts, key=lambda name: counts[name])
-
-
-def sleep_until(t0: float, offset: float) -> None:
-    time.sleep(max(0.0, t0 + offset - time.time()))
-
-
-def finish(
-    scenario: str,
-    pub: LoadPublisher,
-    fleet: Fleet,
-    results: list[Accounting],
-    started: float,
-    *,
-    settle: float = 60.0,
-    facts: dict[str, object] | None = None,
-) -> Accounting:
-    """Wait for the publisher and the backlog, then account, print and record."""
-    pub.join(pub.duration + pub.give_up_after + 30)
-    cluster = fleet.cluster
-    settled = wait_settled(
-        pub, fleet, settle, dlq_count=lambda: stream_messages(cluster, fleet.dlq_stream)
-    )
-    dlq = fleet.dlq_entries()
-    left = stream_messages(cluster, fleet.stream)
-    result = account(scenario, pub, fleet, dlq, stream_left=left, started=started)
-    result.facts["settled within bound"] = settled
-    result.facts["DLQ publish failures logged"] = fleet.count("DLQ publish failed")
-    result.facts["pull re-issued (silent request)"] = fleet.count(
-        "re-issuing pull requests (pull request went silent)"
-    )
-    result.facts["pull re-issued (reconnect)"] = fleet.count(
-        "re-issuing pull requests (reconnected)"
-    )
-    result.facts.update(facts or {})
-    print(result.report())
-    print("events:\n" + "\n".join(f"  {t:.3f} {what}" for t, what in cluster.events))
-    results.append(result)
-    return result
-
-
-def assert_accounting(result: Accounting, pub: LoadPublisher, *, duplicates: str) -> None:
-    """``duplicates``: "none" (must be 0) or "explained" (each one caused by a fault)."""
-    report = result.report()
-    assert pub.crash is None, pub.crash
-    assert not pub.final_failures, f"publishes given up: {list(pub.final_failures.items())[:3]}"
-    assert result.published > 0
-    assert not result.lost, f"lost jobs\n{report}"
-    assert not result.stored_twice, f"dedup failed: jobs stored twice\n{report}"
-    assert not result.unexpected, report
-    assert not result.dlq_without_reason, report
-    assert not result.dlq_reason_mismatch, report
-    assert not result.wrongly_dead_lettered, report
-    assert not result.poison_processed, report
-    assert result.stream_left == 0, f"messages stuck in the work stream\n{report}"
-    if duplicates == "none":
-        assert not result.duplicates, report
-    else:
-        unexplained = {c: n for c, n in result.duplicate_causes.items() if "unexplained" in c}
-        assert not unexplained, report
-
-
-def processing_gap(records: list[Record], start: float, end: float) -> float:
-    """The longest time without any ``job done`` line across the fleet in [start, end]."""
-    times = sorted(float(r["_t"]) for r in records if start <= float(r["_t"]) <= end)
-    points = [start, *times, end]
-    return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
-
-
-def recovery(worker: WorkerProc, since: float, until: float) -> dict[str, float | None]:
-    """After a fault at ``since``: when this worker reconnected, and its longest idle time."""
-    reconnect = next(
-        (r["_t"] for r in worker.matching("reconnected to NATS") if r["_t"] >= since), None
-    )
-    first_done = next((r["_t"] for r in worker.done() if r["_t"] >= since), None)
-    return {
-        "reconnected_after_s": None if reconnect is None else round(reconnect - since, 2),
-        "first_job_after_s": None if first_done is None else round(first_done - since, 2),
-        "longest_idle_s": round(processing_gap(worker.done(), since, until), 2),
-    }
+pytestmark = [
+    pytest.mark.chaos,
+    pytest.mark.timeout(K.timeout),
+    # nats-py leaves a transport behind when a server dies under it mid-connect; not our leak.
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
 
 
 # --------------------------------------------------------------------------------- scenarios
@@ -162,12 +70,15 @@ def test_kill_stream_leader_node_and_bring_it_back(
     target = busiest_node(cluster, workers)
     place_leaders(cluster, fleet, target)
     on_target = [w for w in workers if cluster.client_node(w.name) == target]
-    with LoadPublisher(cluster.urls, fleet.ingress, rate=K.rate, duration=K.duration) as pub:
+    down_for = max(10.0, 0.5 * K.duration)  # well past the election (~5-7 s)
+    with LoadPublisher(
+        cluster.urls, fleet.ingress, rate=K.rate, duration=0.5 * K.duration + down_for
+    ) as pub:
         t0 = time.time()
-        sleep_until(t0, 0.3 * K.duration)
+        sleep_until(t0, 0.2 * K.duration)
         t_kill = time.time()
         cluster.kill(target)
-        sleep_until(t0, 0.65 * K.duration)
+        sleep_until(t_kill, down_for)
         cluster.restart(target)
         t_back = time.time()
         result = finish(
@@ -182,18 +93,20 @@ def test_kill_stream_leader_node_and_bring_it_back(
                 "workers on killed node": [w.name for w in on_target],
             },
         )
-    result.facts["fleet gap after kill (s)"] = round(
+    result.facts["fleet: longest gap while down (s)"] = round(
         processing_gap(fleet.done_records(), t_kill, t_back), 2
     )
     for worker in on_target:
         result.facts[f"{worker.name} recovery"] = recovery(worker, t_kill, t_back)
     print(result.report())
     assert_accounting(result, pub, duplicates="explained")
-    for worker in on_target:  # reconnected elsewhere and pulling again well before the restart
+    # The pull loop recovers while the node is still down: the workers that were connected to it
+    # reconnect to another node and get jobs again once the consumer has a new leader.
+    for worker in on_target:
         facts = recovery(worker, t_kill, t_back)
         assert facts["reconnected_after_s"] is not None, f"{worker.name} did not reconnect"
-        assert facts["longest_idle_s"] is not None
-        assert facts["longest_idle_s"] < 0.9 * (t_back - t_kill), f"{worker.name}: {facts}"
+        resumed = [r for r in worker.done() if t_kill + 1 < r["_t"] < t_back]
+        assert resumed, f"{worker.name} processed nothing while its node was down: {facts}"
 
 
 def test_kill_workers_mid_job_repeatedly(
@@ -289,8 +202,8 @@ def test_route_switch_and_rollback_while_a_node_is_down(
     blue = start_workers(fleet, 2, "v1", RETIRE_GRACE="120")  # stay for the rollback
     green = start_workers(fleet, 2, "v2")
     timings: dict[str, object] = {}
-    # Longer than the others: the switch may wait out an election before the rollback comes.
-    with LoadPublisher(cluster.urls, fleet.ingress, rate=K.rate, duration=1.5 * K.duration) as pub:
+    # The publisher runs until stopped: the switch may have to wait out an election first.
+    with LoadPublisher(cluster.urls, fleet.ingress, rate=K.rate, duration=120) as pub:
         t0 = time.time()
         sleep_until(t0, 0.2 * K.duration)
         down = leaders(cluster, fleet, ("v1", "v2"))["stream"]
@@ -301,6 +214,8 @@ def test_route_switch_and_rollback_while_a_node_is_down(
         t_rolled = route(fleet, cluster, timings, "--rollback")
         sleep_until(t_rolled, 0.2 * K.duration)
         cluster.restart(down)
+        time.sleep(0.1 * K.duration)
+        pub.stop()
         result = finish(
             "route v2 + rollback, stream-leader node down",
             pub,
@@ -345,7 +260,8 @@ def test_partition_of_one_node(
     target = busiest_node(cluster, workers)
     place_leaders(cluster, fleet, target)
     on_target = [w for w in workers if cluster.client_node(w.name) == target]
-    partition = max(10.0, 0.5 * K.duration)  # longer than an election (~5-7 s)
+    others = [w for w in workers if w not in on_target]
+    partition = max(12.0, 0.5 * K.duration)  # longer than an election (~4-9 s)
     with LoadPublisher(
         cluster.urls, fleet.ingress, rate=K.rate, duration=partition + 0.5 * K.duration
     ) as pub:
@@ -368,15 +284,22 @@ def test_partition_of_one_node(
                 "leaders after": leaders(cluster, fleet),
             },
         )
-    result.facts["fleet gap during partition (s)"] = round(
+    result.facts["fleet: longest gap during partition (s)"] = round(
         processing_gap(fleet.done_records(), t_cut, t_healed), 2
     )
-    for worker in on_target:
-        result.facts[f"{worker.name} after the cut"] = recovery(worker, t_cut, t_healed)
+    for worker in workers:
+        where = "on the cut node" if worker in on_target else "elsewhere"
+        result.facts[f"{worker.name} ({where})"] = recovery(worker, t_cut, t_healed)
+        result.facts[f"{worker.name} jobs during / after"] = (
+            f"{sum(1 for r in worker.done() if t_cut + 1 < r['_t'] < t_healed)} / "
+            f"{sum(1 for r in worker.done() if r['_t'] > t_healed)}"
+        )
     print(result.report())
     assert_accounting(result, pub, duplicates="explained")
-    # The other nodes elect new leaders and keep processing during the partition.
-    assert result.facts["fleet gap during partition (s)"] < partition  # type: ignore[operator]
+    # The majority side elects new leaders; the workers connected to it go on processing.
+    for worker in others:
+        during = [r for r in worker.done() if t_cut + 1 < r["_t"] < t_healed]
+        assert during, f"{worker.name} (not on the cut node) processed nothing during the cut"
 
 
 def test_worker_on_a_partitioned_node_fails_over(
@@ -540,3 +463,35 @@ def test_dead_letter_survives_a_dlq_leader_election(
             facts={"killed node (DLQ leader)": dlq_node, "leaders before": before},
         )
     assert_accounting(result, pub, duplicates="explained")
+
+
+def test_publish_command_rides_out_a_leader_election(
+    cluster: NatsCluster, fleet: Fleet, record_accounting: list[Accounting]
+) -> None:
+    """``publish`` right after the stream leader's node died: it should wait out the election.
+
+    KNOWN CHASSIS GAP (fails until fixed): the chassis producer (``publish`` command and
+    :class:`Producer`) publishes once; during an election (~4-9 s) JetStream answers "no
+    responders" at once and the command fails, although retrying with the same Nats-Msg-Id is
+    safe (the duplicate window keeps it exactly-once).
+    """
+    worker = start_workers(fleet, 1)[0]
+    node = cluster.client_node(worker.name)
+    target = next(n.name for n in cluster.nodes if n.name != node)
+    place_leaders(cluster, fleet, target)
+    ids = [f"cli-{fleet.tag}-{i:03d}" for i in range(100)]
+    lines = "\n".join(json.dumps({"id": job_id}) for job_id in ids)
+    cluster.kill(target)
+    began = time.time()
+    done = fleet.cli("publish", stdin=lines, timeout=90)
+    took = time.time() - began
+    print(f"publish during the election: exit {done.returncode} after {took:.1f}s")
+    print(done.stdout + done.stderr)
+    assert done.returncode == 0, (
+        f"publish failed during the leader election after {took:.1f}s (exit "
+        f"{done.returncode}): {done.stderr.strip()[-300:]}"
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline and not set(ids) <= fleet.done_ids():
+        time.sleep(0.3)
+    assert set(ids) <= fleet.done_ids(), f"lost: {sorted(set(ids) - fleet.done_ids())[:5]}"
