@@ -30,6 +30,7 @@ from .errors import (
     EXIT_NOPERM,
     EXIT_OK,
     EXIT_UNAVAILABLE,
+    JETSTREAM_UNAVAILABLE,
     InputError,
     WorkerError,
     describe,
@@ -468,8 +469,15 @@ def _setup_logging(settings: Settings) -> None:
 def _explain_nats_error(exc: Exception) -> tuple[str, int]:
     """One line and an exit code for the broker errors an operator can act on."""
     from nats.errors import TimeoutError as NatsTimeout
-    from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+    from nats.js.errors import (
+        APIError,
+        NoStreamResponseError,
+        NotFoundError,
+        ServiceUnavailableError,
+    )
 
+    if isinstance(exc, ServiceUnavailableError):
+        return JETSTREAM_UNAVAILABLE, EXIT_UNAVAILABLE
     if isinstance(exc, NoStreamResponseError):
         return (
             "no stream stores this subject: run 'provision' (or start the worker) first, "

@@ -34,6 +34,12 @@ EXIT_CONFIG = 78  # invalid configuration (env var, .env file, missing creds/TLS
 EXIT_INTERRUPTED = 130  # a second signal forced a fast stop; unfinished jobs were handed back
 
 
+JETSTREAM_UNAVAILABLE = (
+    "JetStream is not available on this server or account: start nats-server with -js "
+    "(or enable JetStream for the account), then try again"
+)
+
+
 class HandlerSignal(Exception):  # noqa: N818 - these are signals, not failures
     """Base of the exceptions a handler raises to steer what happens to its job."""
 

@@ -30,9 +30,9 @@ from nats.js.api import (
     StreamInfo,
     SubjectTransform,
 )
-from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 
-from .errors import NotPermittedError, ProvisionError
+from .errors import JETSTREAM_UNAVAILABLE, NotPermittedError, ProvisionError, UnavailableError
 from .names import WORKER_NAME
 from .settings import Settings
 
@@ -173,6 +173,8 @@ class ProvisionReport:
 
 
 def _raise_api(exc: APIError, what: str) -> None:
+    if isinstance(exc, ServiceUnavailableError):  # JetStream's API has no responder
+        raise UnavailableError(JETSTREAM_UNAVAILABLE) from None
     if exc.code == 403 or "permission" in (exc.description or "").lower():
         raise NotPermittedError(
             f"NATS account may not manage {what} ({exc.description}): grant JetStream API "

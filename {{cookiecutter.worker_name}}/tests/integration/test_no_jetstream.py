@@ -1,16 +1,7 @@
-"""Known chassis bugs, each pinned by a focused test that fails until the chassis is fixed.
+"""A server without JetStream is named as such: one line, exit 69 (the service is missing).
 
-Kept apart on purpose, and nothing here is skipped or xfailed to hide it. Once a bug is fixed,
-move its test next to the tests of the same feature (the earlier ones now live in
-test_connect_timeout.py, test_broker_restart.py and test_worker_cli.py).
-
-A server without JetStream gets a meaningless error and the wrong exit code. JetStream's API
-answers 503 (ServiceUnavailableError, with no code or description) when JetStream is not
-enabled. ``topology._raise_api`` turns that into ProvisionError "cannot provision stream X: None
-(code None)" and exit 73, which documents "exists with settings JetStream cannot change"; the
-CLI's ``_explain_nats_error`` prints "NATS error: nats: ServiceUnavailableError: code=None
-err_code=None description='None'". Neither says what to do: enable JetStream (``-js``). The
-server is reachable but the service is not available: exit 69.
+Regression: JetStream's API answers 503 with no code or description when JetStream is off, which
+used to surface as "cannot provision stream X: None (code None)" and exit 73.
 """
 
 from __future__ import annotations
