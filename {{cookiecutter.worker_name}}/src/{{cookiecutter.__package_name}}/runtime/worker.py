@@ -22,6 +22,7 @@ log the counters; drain the connection. A second signal skips the wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -180,7 +181,18 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
         try:
-            self.nc = await connect(self.settings, on_reconnect=self._on_reconnect)
+            connecting = asyncio.ensure_future(
+                connect(self.settings, on_reconnect=self._on_reconnect)
+            )
+            stopped = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not connecting.done():  # a signal during the first connect: just leave
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connecting
+                return self.exit_code
+            self.nc = connecting.result()
             self.js = self.nc.jetstream()
             if self.settings.provision:
                 report = await provision(self.js, self.settings)
