@@ -773,7 +773,7 @@ def leftovers(cluster: NatsCluster, stream: str, limit: int = 10) -> list[str]:
         seq, out = info.state.first_seq, list[str]()
         while seq and seq <= info.state.last_seq and len(out) < limit:
             try:
-                raw = await js.get_msg(stream, seq=seq, next=True)
+                raw = await js.get_msg(stream, seq=seq, subject=">", next=True)
             except Exception:
                 break
             msg_id = (raw.headers or {}).get("Nats-Msg-Id")
