@@ -42,6 +42,10 @@ def connect_options(settings: Settings) -> dict[str, Any]:
         "allow_reconnect": True,
         "connect_timeout": min(2.0, settings.nats_connect_timeout),
         "pending_size": 8 * 1024 * 1024,
+        # Notice a server that stopped answering (partition, frozen host) and fail over to
+        # another URL; nats-py's default (2 min x 2 pings) leaves the worker idle for minutes.
+        "ping_interval": settings.nats_ping_interval,
+        "max_outstanding_pings": settings.nats_max_outstanding_pings,
         # A private reply prefix, so least-privilege accounts can deny other workers' inboxes.
         "inbox_prefix": f"_INBOX.{WORKER_NAME}",
     }

@@ -9,6 +9,7 @@ queue: it is never lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -43,6 +44,8 @@ H_LANE = "Dlq-Lane"
 H_TIME = "Dlq-Time"
 H_MSG_ID = "Dlq-Msg-Id"
 H_REPLAYED_FROM = "Dlq-Replayed-From"
+DLQ_PATIENCE = 20.0  # seconds a DLQ publish is retried before the job is handed back
+RESCUE_PATIENCE = 60.0  # seconds a max-deliveries rescue is retried
 
 
 def entry_headers(
@@ -118,21 +121,33 @@ async def dead_letter(
     headers = dlq_headers(msg, settings, reason=reason, error=error, deliveries=deliveries)
     for key, value in (trace_headers or {}).items():
         headers.setdefault(key, value)
+    # Ride out a leader election of the DLQ stream (~5-7 s after a node dies: "no responders"):
+    # retry for up to DLQ_PATIENCE seconds, telling the server we still hold the job. Giving up
+    # early is what strands a job on its final delivery (see tests/chaos).
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DLQ_PATIENCE
     delay = 0.2
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             await js.publish(settings.dlq_subject, msg.data, headers=headers, timeout=5.0)
             break
         except Exception as exc:  # timeouts, no responders during a leader election, ...
-            if attempt == attempts:
+            if attempt >= attempts and loop.time() + delay > deadline:
                 log.error(
-                    "DLQ publish failed (%s); leaving stream seq %s for redelivery",
+                    "DLQ publish failed %d times in %.0fs (%s); leaving stream seq %s for "
+                    "redelivery",
+                    attempt,
+                    DLQ_PATIENCE,
                     type(exc).__name__,
                     headers[H_SEQUENCE],
                 )
                 return False
+            with contextlib.suppress(Exception):
+                await msg.in_progress()  # keep the job ours while the DLQ elects a leader
             await asyncio.sleep(delay)
-            delay *= 2
+            delay = min(delay * 2, 2.0)
     await msg.term()
     return True
 
@@ -255,10 +270,20 @@ class MaxDeliveriesRescue:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable MAX_DELIVERIES advisory")
             return
-        try:
-            await self.rescue(seq, deliveries)
-        except Exception as exc:  # another instance was faster, or the broker is busy
-            log.debug("max-deliveries rescue of seq %d skipped: %s", seq, describe(exc))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESCUE_PATIENCE
+        delay = 0.5
+        while True:  # the DLQ may be electing a leader: the advisory comes only once
+            try:
+                await self.rescue(seq, deliveries)
+                return
+            except Exception as exc:  # another instance was faster, or the broker is busy
+                if loop.time() + delay > deadline:
+                    log.error("max-deliveries rescue of seq %d failed: %s", seq, describe(exc))
+                    return
+                log.debug("max-deliveries rescue of seq %d: retrying (%s)", seq, describe(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 4.0)
 
     async def rescue(self, seq: int, deliveries: int) -> None:
         s = self.settings

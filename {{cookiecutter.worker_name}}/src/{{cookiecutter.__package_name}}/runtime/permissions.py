@@ -25,7 +25,8 @@ def subjects(settings: Settings) -> dict[str, list[str]]:
     stream, dlq = settings.stream_name, settings.dlq_stream_name
     kv = [f"KV_{route_bucket(settings)}", f"KV_{registry_bucket(settings)}"]
     api = "$JS.API"
-    publish = [f"{api}.INFO"]
+    # STREAM.NAMES: publish_patiently asks which stream stores a subject during an election
+    publish = [f"{api}.INFO", f"{api}.STREAM.NAMES"]
     for name in (stream, dlq, *kv):
         publish += [f"{api}.STREAM.{op}.{name}" for op in ("INFO", "CREATE", "UPDATE")]
     publish += [f"{api}.STREAM.{op}.{dlq}" for op in ("MSG.GET", "MSG.DELETE", "PURGE")]

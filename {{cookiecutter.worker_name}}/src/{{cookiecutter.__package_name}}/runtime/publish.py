@@ -13,8 +13,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from ..job import Job
 from .connection import connect
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 
 Outgoing = tuple[str, bytes, dict[str, str] | None]
 _WINDOW = 256  # publishes in flight at once on bulk paths
+PUBLISH_PATIENCE = 20.0  # seconds a publish is retried: longer than a JetStream leader election
 
 
 def encode(job: Job) -> tuple[bytes, dict[str, str]]:
@@ -32,12 +36,59 @@ def encode(job: Job) -> tuple[bytes, dict[str, str]]:
     return job.model_dump_json().encode(), {"Nats-Msg-Id": job.id}
 
 
+async def publish_patiently(
+    js: JetStreamContext,
+    subject: str,
+    data: bytes,
+    headers: dict[str, str] | None = None,
+    *,
+    patience: float = PUBLISH_PATIENCE,
+) -> PubAck:
+    """One publish that rides out a leader election (~4-9 s after a node dies).
+
+    A 503 ("no responders": the stream has no leader right now) stored nothing, so it is always
+    retried; a timeout only with a ``Nats-Msg-Id``, which the stream deduplicates. A subject that
+    no stream stores fails at once (the meta leader says so), not after ``patience``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    delay = 0.2
+    checked = False
+    while True:
+        try:
+            return await js.publish(subject, data, headers=headers)
+        except (NoStreamResponseError, NoRespondersError, NatsTimeoutError) as exc:
+            timeout = isinstance(exc, NatsTimeoutError)
+            if loop.time() + delay > deadline or (
+                timeout and not (headers or {}).get("Nats-Msg-Id")
+            ):
+                raise
+            if not timeout and not checked:
+                stored = await _stream_stores(js, subject)
+                if stored is False:  # a real misconfiguration, not an election: say so now
+                    raise exc from None
+                checked = stored is True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+async def _stream_stores(js: JetStreamContext, subject: str) -> bool | None:
+    """Does a stream store ``subject``? None while the meta leader cannot say (an election)."""
+    try:
+        await js.find_stream_name_by_subject(subject)
+    except NotFoundError:
+        return False
+    except Exception:
+        return None
+    return True
+
+
 async def publish_many(js: JetStreamContext, messages: Iterable[Outgoing]) -> list[PubAck]:
     """Publish with up to ``_WINDOW`` acknowledgements outstanding; keeps input order."""
     acks: list[PubAck] = []
     batch: list[asyncio.Task[PubAck]] = []
     for subject, data, headers in messages:
-        batch.append(asyncio.ensure_future(js.publish(subject, data, headers=headers)))
+        batch.append(asyncio.ensure_future(publish_patiently(js, subject, data, headers)))
         if len(batch) >= _WINDOW:
             acks.extend(await asyncio.gather(*batch))
             batch.clear()
@@ -85,9 +136,9 @@ class Producer:
         data, headers = encode(job)
         subject = self.settings.ingress_subject
         if self.telemetry is None:
-            return await self.js.publish(subject, data, headers=headers)
+            return await publish_patiently(self.js, subject, data, headers)
         with self.telemetry.producing(subject, headers):
-            return await self.js.publish(subject, data, headers=headers)
+            return await publish_patiently(self.js, subject, data, headers)
 
     async def publish_all(self, jobs: Sequence[Job]) -> list[PubAck]:
         subject = self.settings.ingress_subject

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=600, description="Give up connecting at startup after this long."
     )
     nats_name: str | None = None
+    nats_ping_interval: float = Field(
+        default=10.0,
+        ge=1,
+        le=600,
+        description="Ping the server this often; a silent (partitioned) one is left after "
+        "NATS_MAX_OUTSTANDING_PINGS unanswered pings.",
+    )
+    nats_max_outstanding_pings: int = Field(default=2, ge=1, le=100)
 
     # Topology
     subject_root: str = SUBJECT_ROOT

@@ -60,7 +60,7 @@ Handler = Callable[[Any, JobContext], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 Outcome = tuple[str, BaseException] | None  # None: handled and acknowledged
 PULL_EXPIRES = 30.0  # a pull request stays open this long on an idle stream
-PULL_HEARTBEAT = 2.0  # the server pings an idle request this often
+PULL_HEARTBEAT = 1.0  # the server pings an idle request this often (silence: 3 of them)
 _NS = 1_000_000_000
 
 
