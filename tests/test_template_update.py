@@ -8,7 +8,7 @@ The scenario, with real tools and real git repositories in a temporary directory
 4. the template changes a chassis file (``runtime/worker.py``): commit B;
 5. ``cruft update -y`` in the project;
 6. the chassis change arrived, the user's edit is intact, ``.cruft.json`` points at B, and the
-   project's unit tests still pass.
+   project's unit tests still pass (installed editable into a throwaway venv layered on this one).
 
 Updating without cruft (the generated ``.cookiecutter.json`` is a replay file,
 ``{"cookiecutter": {...answers...}}``)::
@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -150,12 +151,21 @@ def assert_updated(project: Path) -> None:
     assert not leftovers, f"merge leftovers: {leftovers}"
 
 
-def unit_tests_pass(project: Path) -> None:
+def unit_tests_pass(project: Path, venv: Path) -> None:
+    """Install the project (editable, no dependencies) into a throwaway venv layered on this
+    one, as a user's ``pip install -e .`` would, and run its unit tests there."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], venv)
+    layers = "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages())
+    Path(purelib.strip(), "zz_layered_on_test_env.pth").write_text(f"import site; {layers}\n")
     run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/unit"],
+        [sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
+         "--disable-pip-version-check", "--no-deps", "--no-build-isolation", "--editable", project],
         project,
-        env={"PYTHONPATH": str(project / "src")},
-        timeout=600,
+    )  # fmt: skip
+    run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit"], project, timeout=600
     )
 
 
@@ -186,7 +196,7 @@ def test_cruft_update_brings_the_chassis_change_and_keeps_the_user_edit(
     changed = git(project, "status", "--porcelain").split("\n")
     assert any(CHASSIS_FILE.as_posix() in line for line in changed), changed
     assert not any("handler.py" in line for line in changed), changed  # untouched by the update
-    unit_tests_pass(project)
+    unit_tests_pass(project, tmp_path / "venv")
 
 
 @pytest.mark.timeout(600)
