@@ -183,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.no_provision:
         overrides["provision"] = False
     settings = load_settings(**overrides)
-    _setup_logging(settings)
+    _setup_logging(settings, one_shot=False)
     if not args.embedded_nats:
         return _run_async(lambda: _run_worker(settings, args.demo))
     from .embedded import EmbeddedNats, default_store
@@ -460,14 +460,19 @@ def cmd_health(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- main
 
 
-def _setup_logging(settings: Settings) -> None:
+def _setup_logging(settings: Settings, one_shot: bool = True) -> None:
+    from .connection import quiet_denials
     from .logs import setup_logging
+
+    if one_shot:
+        quiet_denials()
 
     setup_logging(settings.log_level, settings.log_format, lane=settings.lane, version=__version__)
 
 
 def _explain_nats_error(exc: Exception) -> tuple[str, int]:
     """One line and an exit code for the broker errors an operator can act on."""
+    from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
     from nats.js.errors import (
         APIError,
@@ -495,7 +500,15 @@ def _explain_nats_error(exc: Exception) -> tuple[str, int]:
             f"the NATS account may not do this ({exc.description}): see the 'permissions' command",
             EXIT_NOPERM,
         )
-    if isinstance(exc, NatsTimeout | TimeoutError):
+    if isinstance(exc, NatsTimeout | TimeoutError | NoRespondersError):
+        from .connection import denied
+
+        if denied:  # the server refused the request; the client only saw no answer
+            return (
+                f"the NATS account may not do this ({denied[-1].removeprefix('nats: ')}): "
+                "see the 'permissions' command",
+                EXIT_NOPERM,
+            )
         return "NATS did not answer in time: check the server and NATS_URL", EXIT_UNAVAILABLE
     return f"NATS error: {describe(exc)}", EXIT_UNAVAILABLE
 

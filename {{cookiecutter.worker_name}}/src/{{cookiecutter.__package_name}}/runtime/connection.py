@@ -12,11 +12,21 @@ import nats
 from nats.aio.client import Client
 from nats.errors import NoServersError
 
-from .errors import NotPermittedError, UnavailableError
+from .errors import ConfigError, NotPermittedError, UnavailableError
 from .names import WORKER_NAME
 from .settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
+# Permission violations the server reported on any connection of this process, newest last: a
+# request the server refused only times out on the client, so the CLI looks here to say why.
+denied: list[str] = []
+_denied_level = logging.WARNING
+
+
+def quiet_denials() -> None:
+    """One-shot commands report a refusal as their one error line, not also as a warning."""
+    global _denied_level
+    _denied_level = logging.DEBUG
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -67,6 +77,10 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
+def _is_key_error(exc: Exception) -> bool:
+    return type(exc).__module__.split(".")[0] == "nkeys" or isinstance(exc, TypeError | ValueError)
+
+
 async def connect(
     settings: Settings,
     *,
@@ -86,10 +100,19 @@ async def connect(
     last_error: list[str] = []
     connected: list[Client] = []  # set once connected
 
+    tls_errors: list[str] = []
+
     async def error_cb(exc: Exception) -> None:
         text = str(exc) or type(exc).__name__
         if "authorization" in text.lower() or "permissions" in text.lower():
             last_error.append(text)
+        if "permissions violation" in text.lower():
+            denied.append(text)
+            if connected:  # a one-shot command reports it as its error; a worker logs it
+                log.log(_denied_level, "nats error: %s", text)
+            return
+        if isinstance(exc, ssl.SSLError):
+            tls_errors.append(str(exc.reason or exc))
         if connected:
             log.warning("nats error: %s", text)
         else:  # the outcome of the initial connect is reported once, below
@@ -124,6 +147,11 @@ async def connect(
                 timeout=max(remaining, 0.5),
             )
         except (NoServersError, OSError, TimeoutError) as exc:
+            if tls_errors and not any("authorization" in e.lower() for e in last_error):
+                raise UnavailableError(
+                    f"TLS handshake with {servers} failed ({tls_errors[-1]}): check NATS_TLS_CA, "
+                    "NATS_TLS_CERT and NATS_TLS_KEY"
+                ) from None
             if any("authorization" in e.lower() for e in last_error):
                 raise NotPermittedError(
                     f"NATS refused the credentials at {servers}: check NATS_USER/NATS_PASSWORD, "
@@ -141,6 +169,19 @@ async def connect(
             raise UnavailableError(
                 f"TLS handshake with {servers} failed ({exc.reason or exc}): check NATS_TLS_CA, "
                 "NATS_TLS_CERT and NATS_TLS_KEY"
+            ) from None
+        except Exception as exc:
+            # nats-py reads NATS_NKEY_SEED(_FILE) / NATS_CREDS while connecting; a bad one raises
+            # nkeys' errors (or a TypeError/ValueError from the creds parser). nkeys is not
+            # imported here: it pulls in PyNaCl, which a worker without NKeys need not load.
+            key_material = (
+                settings.nats_nkey_seed or settings.nats_nkey_seed_file or settings.nats_creds
+            )
+            if not key_material or not _is_key_error(exc):
+                raise
+            raise ConfigError(
+                "NATS_NKEY_SEED, NATS_NKEY_SEED_FILE or NATS_CREDS does not hold a valid NKey "
+                f"seed or creds file ({type(exc).__name__})"
             ) from None
         else:
             nc.options["max_reconnect_attempts"] = -1  # from now on: reconnect forever

@@ -119,5 +119,9 @@ def describe(exc: BaseException, limit: int = 1024) -> str:
             parts.append(f"and {len(errors) - 3} more")
         text = "; ".join(parts)
     else:
-        text = " ".join(str(exc).split()) or type(exc).__name__
+        text = str(exc)
+    # One printable line: the text may quote a hostile payload (a field name), and it ends up in
+    # a NATS header and a log line.
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    text = text or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -501,11 +501,13 @@ class Worker:
         loop = asyncio.get_running_loop()
         progress_every = max(0.5, self.settings.ack_wait / 3)
         timeout = self.settings.handler_timeout
-        tick = max(0.05, min(1.0, progress_every / 2, timeout / 4))
+        stall_warning = self.settings.loop_stall_warning
+        # A stall shows as a late wake-up, measured against the tick: a tick near the threshold
+        # under-measures a block that starts early in it by up to one tick.
+        tick = max(0.05, min(1.0, progress_every / 2, timeout / 4, (stall_warning or 4.0) / 4))
         seen = self._activity
         quiet_since = loop.time()
         concurrency = self.settings.concurrency
-        stall_warning = self.settings.loop_stall_warning
         while True:
             before = loop.time()
             await asyncio.sleep(tick)
