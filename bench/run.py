@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shlex
@@ -62,13 +63,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quiet-wait",
         type=float,
         default=None,
-        help="longest wait for a quiet machine per measurement, s (120; --quick: 0 = no wait)",
+        help="longest wait for a quiet machine per measurement, s (60; --quick: 0 = no wait)",
     )
     p.add_argument(
         "--profile",
         default="",
         help="comma-separated worker keys to sample with py-spy during throughput runs\n"
         "(speedscope files land next to the logs; profiled runs are slower: use for diagnosis)",
+    )
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="only re-render the .md and .png next to an existing results JSON",
     )
     p.add_argument("--template", type=Path, default=REPO, help="template checkout (this repo)")
     p.add_argument("--out", type=Path, default=None, help="results directory")
@@ -85,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.retire_grace = 0.5 if quick else None  # None: the worker's default RETIRE_GRACE
     args.sigterm_cap = 3.0 if quick else 30.0
     if args.quiet_wait is None:
-        args.quiet_wait = 0.0 if quick else 120.0
+        args.quiet_wait = 0.0 if quick else 60.0
     args.out = args.out or (BENCH / "results" / "raw" if quick else BENCH / "results")
     args.stem = "quick" if quick else "latest"
     return args
@@ -192,6 +199,8 @@ async def _run(
         "duration": args.duration,
         "warmup": args.warmup,
         "sigterm_cap_s": args.sigterm_cap,
+        "quiet_cores": args.quiet_cores,
+        "quiet_wait_s": args.quiet_wait,
         "topology": topo.__dict__,
     }
     wk: dict[str, Any] = {}
@@ -226,7 +235,6 @@ async def _run(
 
     # ---- e2e latency at a fixed offered rate, recording variants.
     latency: dict[str, Any] = {}
-    samples: dict[str, list[float]] = {}
     if args.no_latency:
         latency["skipped"] = "skipped: --no-latency"
     else:
@@ -242,7 +250,7 @@ async def _run(
                 continue
             quiet = await _quiet(args)
             try:
-                summary, samples[s.key] = await measure.latency(
+                summary, _samples = await measure.latency(
                     ctx, s, args.rate, args.duration, args.warmup, lat_dir / f"{s.key}.txt"
                 )
                 latency[s.key] = {**summary, **quiet}
@@ -279,7 +287,7 @@ async def _run(
 
     results["targets"] = report.targets(summaries, results["ratios"], latency)
     results["meta"]["wall_s"] = time.monotonic() - t_start
-    report.write(results, samples, args.out, args.stem)
+    report.write(results, args.out, args.stem)
     log("")
     log((args.out / f"{args.stem}.md").read_text())
     log(f"bench: wrote {args.out / args.stem}.{{md,json,png}} in {results['meta']['wall_s']:.0f} s")
@@ -327,8 +335,17 @@ def _line(r: dict[str, Any]) -> str:
     )
 
 
+def render(path: Path) -> int:
+    results = json.loads(path.read_text())
+    report.write(results, path.parent, path.stem)
+    log(f"bench: re-rendered {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+    return 0
+
+
 if __name__ == "__main__":
     arguments = parse_args()
+    if arguments.render:
+        sys.exit(render(arguments.render))
     try:
         import uvloop
     except ImportError:

@@ -280,7 +280,17 @@ def summarize_ms(samples: list[float]) -> dict[str, Any]:
         "max_ms": ordered[-1],
         "mean_ms": statistics.fmean(ordered),
         "min_ms": ordered[0],
+        # the distribution, for the plot: [percentile, ms], dense in the tail
+        "quantiles": [[q, round(pct(q), 4)] for q in QUANTILES] + [[100.0, ordered[-1]]],
     }
+
+
+QUANTILES = (
+    [float(q) for q in range(90)]
+    + [90 + i / 10 for i in range(90)]
+    + [99 + i / 100 for i in range(90)]
+    + [99.9 + i / 1000 for i in range(100)]
+)
 
 
 def _mb(kb: int | None) -> float | None:

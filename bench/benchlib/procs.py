@@ -255,9 +255,19 @@ async def wait_quiet(
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time of a process so far."""
+    """CPU time of a process so far, all its threads: nanosecond run time from
+    /proc/<pid>/task/*/schedstat, else utime + stime from /proc/<pid>/stat (10 ms ticks; a thread
+    that already exited is only counted there)."""
     if pid is None:
         return None
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as stat:
+                total += int(stat.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +128,19 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     if cfg["quick"]:
         lines += ["**Quick smoke run: numbers are not meaningful.**", ""]
+    loads = [
+        r.get("other_cores") or 0.0 for w in res["workers"].values() for r in w.get("runs", [])
+    ] + [
+        v.get("other_cores") or 0.0 for v in res.get("latency", {}).values() if isinstance(v, dict)
+    ]
+    if loads and max(loads) >= 0.3:
+        lines += [
+            f"**Shared machine: other processes kept up to {max(loads):.1f} of "
+            f'{meta["cpus"]} cores busy during these measurements** (column "other '
+            'processes"). Throughput is then a lower bound; worker CPU µs/job is the steadier '
+            "number.",
+            "",
+        ]
     lines += [
         f"## Throughput: {cfg['n']:,} pre-published {cfg['payload_bytes']}-byte jobs, "
         f"{cfg['runs']} run(s) per worker",
@@ -232,7 +246,8 @@ def markdown(res: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- plot
 
 
-def plot(res: dict[str, Any], samples: dict[str, list[float]], path: Path) -> None:
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Throughput bars (median, min/max whiskers); latency by percentile (from the JSON)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,38 +267,56 @@ def plot(res: dict[str, Any], samples: dict[str, list[float]], path: Path) -> No
     ]
     colors = ["#1f77b4", "#9467bd", "#2ca02c", "#d62728", "#8c564b"]
     bars = ax1.bar(keys, med, yerr=[lo, hi], capsize=6, color=colors[: len(keys)])
-    for bar, m in zip(bars, med, strict=True):
-        ax1.annotate(f"{m:,.0f}", (bar.get_x() + bar.get_width() / 2, m), ha="center",
+    for bar, m, h in zip(bars, med, hi, strict=True):
+        ax1.annotate(f"{m:,.0f}", (bar.get_x() + bar.get_width() / 2, m + h), ha="center",
                      va="bottom", xytext=(0, 4), textcoords="offset points")  # fmt: skip
+    if med:
+        ax1.set_ylim(0, max(m + h for m, h in zip(med, hi, strict=True)) * 1.12)
     cfg = res["config"]
     ax1.set_title(f"Throughput, {cfg['n']:,} jobs, median with min/max of {cfg['runs']} run(s)")
     ax1.set_ylabel("jobs/s")
-    ax1.tick_params(axis="x", labelrotation=10)
-    if samples:
-        all_ms = [x for s in samples.values() for x in s if x > 0]
-        lo_ms, hi_ms = max(min(all_ms), 0.01), max(all_ms)
-        bins = np.logspace(np.log10(lo_ms), np.log10(hi_ms * 1.01), 80)
-        for (key, s), color in zip(samples.items(), colors, strict=False):
-            st = res["latency"].get(key, {})
-            ax2.hist(s, bins=bins, histtype="step", linewidth=1.5, color=color,
-                     label=f"{key}: p50 {st.get('p50_ms', 0):.2f}, p99 {st.get('p99_ms', 0):.2f}, "
-                           f"max {st.get('max_ms', 0):.1f} ms")  # fmt: skip
-        ax2.axvline(20.0, color="grey", linestyle="--", linewidth=1, label="p99 target 20 ms")
-        ax2.set_xscale("log")
+    ax1.tick_params(axis="x", labelrotation=20)
+    for label in ax1.get_xticklabels():
+        label.set_horizontalalignment("right")
+    color_of = dict(zip(res["workers"], colors, strict=False))
+    curves = {
+        k: v["quantiles"]
+        for k, v in res.get("latency", {}).items()
+        if isinstance(v, dict) and v.get("quantiles")
+    }
+    for key, q in curves.items():
+        st = res["latency"][key]
+        # x: "nines" (0 -> p0, 1 -> p90, 2 -> p99, 3 -> p99.9), so the tail gets the room
+        x = [-np.log10(max(1 - p / 100, 1e-4)) for p, _ in q]
+        ax2.plot(x, [ms for _, ms in q], color=color_of.get(key), linewidth=1.5,
+                 label=f"{key}: p50 {st['p50_ms']:.2f}, p99 {st['p99_ms']:.2f}, "
+                       f"max {st['max_ms']:.1f} ms")  # fmt: skip
+    if curves:
+        ax2.axhline(20.0, color="grey", linestyle="--", linewidth=1, label="p99 target 20 ms")
+        ax2.axvline(2.0, color="grey", linestyle=":", linewidth=1)
+        ax2.set_xticks([0, 1, 2, 3, 4], ["p0", "p90", "p99", "p99.9", "p99.99+"])
         ax2.set_yscale("log")
-        ax2.set_xlabel("publish → handler start (ms, log)")
-        ax2.set_ylabel("jobs per bin (log)")
-        ax2.legend(fontsize=8)
+        ax2.set_xlabel("percentile")
+        ax2.set_ylabel("publish → handler start (ms, log)")
+        ax2.legend(fontsize=8, loc="upper left")
     ax2.set_title(f"E2E latency at {cfg['rate']:,.0f} jobs/s offered, {cfg['duration']:g} s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write(res: dict[str, Any], samples: dict[str, list[float]], out_dir: Path, stem: str) -> None:
+_PAIR = re.compile(r"\[\s+([-\d.e]+),\s+([-\d.e]+)\s+\]")
+
+
+def dumps(res: dict[str, Any]) -> str:
+    """Indented JSON, with [x, y] pairs (quantiles, drain curves) kept on one line."""
+    return _PAIR.sub(r"[\1, \2]", json.dumps(res, indent=2, default=str)) + "\n"
+
+
+def write(res: dict[str, Any], out_dir: Path, stem: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{stem}.png"
     res["plot"] = png.name
-    plot(res, samples, png)
-    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    plot(res, png)
+    (out_dir / f"{stem}.json").write_text(dumps(res))
     (out_dir / f"{stem}.md").write_text(markdown(res))
