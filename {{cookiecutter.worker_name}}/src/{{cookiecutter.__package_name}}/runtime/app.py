@@ -29,6 +29,7 @@ BACKLOG_POLL = 10.0  # seconds between consumer-info reads for the backlog gauge
 
 def _flush(telemetry: Telemetry) -> Hook:
     async def flush() -> None:
+        # A daemon thread inside shutdown() bounds the wait; to_thread keeps the loop free.
         await asyncio.to_thread(telemetry.shutdown)
 
     return flush

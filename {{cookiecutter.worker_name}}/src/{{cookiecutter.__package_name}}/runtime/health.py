@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 from .errors import ConfigError
@@ -85,6 +83,9 @@ class HealthServer:
 
 def probe(url: str, timeout: float = 3.0) -> tuple[bool, str]:
     """GET a probe URL; healthy means HTTP 200."""
+    import urllib.error  # only the probe command needs urllib (0.6 MB a worker need not carry)
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http only
             return resp.status == 200, resp.read().decode()

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from nats.aio.msg import Msg
+from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
@@ -36,6 +39,7 @@ from .telemetry_config import wanted
 
 log = logging.getLogger(__name__)
 SCOPE = "worker.chassis"
+FLUSH_TIMEOUT = 3.0  # seconds the final flush may take on shutdown
 
 ATTR_SYSTEM = msg_attrs.MESSAGING_SYSTEM
 ATTR_DESTINATION = msg_attrs.MESSAGING_DESTINATION_NAME
@@ -83,6 +87,7 @@ class Telemetry:
             ATTR_VERSION: __version__,
         }
         self.backlog: dict[str, int] = {"pending": 0, "unacked": 0}
+        self._names: dict[str, str] = {}  # span name per subject, built once
         if self.meter is not None:
             self.duration = self.meter.create_histogram(
                 "messaging.process.duration",
@@ -151,23 +156,35 @@ class Telemetry:
     def extract(self, headers: Mapping[str, str] | None) -> Context:
         return propagate.extract(headers or {})
 
-    def consume_span(
-        self, subject: str, headers: Mapping[str, str] | None, deliveries: int, seq: int
-    ) -> Any:
-        attributes: dict[str, Any] = dict(self._static)
-        attributes[ATTR_DESTINATION] = subject
-        attributes[ATTR_DELIVERY_COUNT] = deliveries
-        attributes[ATTR_STREAM_SEQ] = seq
-        if headers and (msg_id := headers.get("Nats-Msg-Id")):
-            attributes[ATTR_MESSAGE_ID] = msg_id
-        return self.tracer.start_as_current_span(
-            f"process {subject}",
-            context=self.extract(headers),
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        )
+    def start_consume(self, msg: Msg) -> tuple[Span, object]:
+        """Start the CONSUMER span of one delivery and make it current.
+
+        The hot path of tracing, so it does the least it can: the producer's context is
+        extracted only when a ``traceparent`` came along, span names are cached per subject, and
+        attributes (which need the parsed ack metadata) are set only on a recording span.
+        Returns the span and the context token for :meth:`end_consume`.
+        """
+        headers = msg.headers
+        parent = self.extract(headers) if headers and "traceparent" in headers else None
+        subject = msg.subject
+        name = self._names.get(subject)
+        if name is None:
+            name = self._names[subject] = f"process {subject}"
+        span = self.tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER)
+        if span.is_recording():
+            meta = msg.metadata
+            span.set_attributes(self._static)
+            span.set_attribute(ATTR_DESTINATION, subject)
+            span.set_attribute(ATTR_DELIVERY_COUNT, int(meta.num_delivered or 1))
+            span.set_attribute(ATTR_STREAM_SEQ, meta.sequence.stream)
+            if headers and (msg_id := headers.get("Nats-Msg-Id")):
+                span.set_attribute(ATTR_MESSAGE_ID, msg_id)
+        return span, context_api.attach(trace.set_span_in_context(span))
+
+    @staticmethod
+    def end_consume(span: Span, token: object) -> None:
+        context_api.detach(token)  # type: ignore[arg-type]
+        span.end()
 
     @staticmethod
     def fail(span: Span, exc: BaseException, outcome: str) -> None:
@@ -220,13 +237,32 @@ class Telemetry:
                 description=f"Jobs {what} (what KEDA's scaler reads)",
             )
 
-    def shutdown(self) -> None:
-        """Flush spans and metrics (graceful stop)."""
-        if self._shutdown is not None:
+    def shutdown(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Flush spans and metrics (graceful stop), waiting at most ``timeout`` seconds.
+
+        The OTLP exporter retries an unreachable collector with backoff for much longer than a
+        container's stop grace period, so the flush runs on a daemon thread that is abandoned
+        (spans dropped, a warning logged) once the time is up; the exit is never held hostage.
+        """
+        if self._shutdown is None:
+            return
+        close = self._shutdown
+
+        def run() -> None:
             try:
-                self._shutdown()
+                close()
             except Exception as exc:  # an unreachable collector must not fail the exit
                 log.warning("telemetry flush failed: %s", describe(exc))
+
+        flusher = threading.Thread(target=run, name="telemetry-flush", daemon=True)
+        flusher.start()
+        flusher.join(timeout)
+        if flusher.is_alive():
+            log.warning(
+                "telemetry flush still waiting after %gs (collector unreachable?); "
+                "leaving without it",
+                timeout,
+            )
 
 
 class TraceContextFilter(logging.Filter):
@@ -265,7 +301,9 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
             SimpleSpanProcessor,
         )
 
-        sdk_tracer = SdkTracerProvider(resource=resource)
+        # shutdown_on_exit=False: we flush ourselves, with a bound (see Telemetry.shutdown);
+        # the SDK's own atexit hook would wait out an unreachable collector at exit.
+        sdk_tracer = SdkTracerProvider(resource=resource, shutdown_on_exit=False)
         if traces == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -292,7 +330,9 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
             readers.append(PrometheusMetricReader())
-        sdk_meter = SdkMeterProvider(resource=resource, metric_readers=readers)
+        sdk_meter = SdkMeterProvider(
+            resource=resource, metric_readers=readers, shutdown_on_exit=False
+        )
         meter_provider = sdk_meter
         closers.append(sdk_meter.shutdown)
     log.info("telemetry: traces=%s metrics=%s", traces, ",".join(metrics) or "none")

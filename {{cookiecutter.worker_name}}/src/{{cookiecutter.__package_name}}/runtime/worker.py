@@ -431,15 +431,16 @@ class Worker:
         """The same, inside a CONSUMER span that continues the producer's trace."""
         telemetry = self.telemetry
         assert telemetry is not None
-        meta = msg.metadata
         started = loop.time()
-        with telemetry.consume_span(
-            msg.subject, msg.headers, int(meta.num_delivered or 1), meta.sequence.stream
-        ) as span:
+        span, token = telemetry.start_consume(msg)
+        try:
             result = await self._process(msg, slot, loop)
             if result is not None:
                 telemetry.fail(span, result[1], result[0])
-        telemetry.record_duration(loop.time() - started, result[0] if result else "processed")
+        finally:
+            telemetry.end_consume(span, token)
+        if telemetry.metrics:
+            telemetry.record_duration(loop.time() - started, result[0] if result else "processed")
         return result
 
     async def _failed(self, msg: Msg, exc: BaseException) -> str:
