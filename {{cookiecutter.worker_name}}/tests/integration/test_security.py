@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
-import nkeys  # type: ignore[import-untyped]
+import nkeys
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
