@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKERS = {"generated", "generated+tracing", "generated+tracing+sink", "raw-nats-py", "faststream"}
+WORKERS = {
+    "generated",
+    "generated+tracing",
+    "generated+tracing+sink",
+    "generated+tracing+sink+10%",
+    "raw-nats-py",
+    "faststream",
+}
 
 pytestmark = pytest.mark.slow
 

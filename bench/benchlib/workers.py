@@ -243,6 +243,21 @@ def specs(
             skip=tracing_skip or (None if otlp_sink else "skipped: no OTLP sink running"),
         ),
         Spec(
+            "generated+tracing+sink+10%",
+            "generated worker, tracing on to a live collector, 10% of traces sampled "
+            "(OTEL_TRACES_SAMPLER=parentbased_traceidratio, ARG 0.1)",
+            project.cli("run"),
+            lambda url: project.env(
+                url,
+                **rec("generated+tracing+sink+10%"),
+                **tracing_env(otlp_sink),
+                OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+                OTEL_TRACES_SAMPLER_ARG="0.1",
+            ),
+            cwd,
+            skip=tracing_skip or (None if otlp_sink else "skipped: no OTLP sink running"),
+        ),
+        Spec(
             "raw-nats-py",
             "raw nats-py: fetch(100) + ack, uvloop",
             [PY, str(WORKERS_DIR / "raw_worker.py")],
