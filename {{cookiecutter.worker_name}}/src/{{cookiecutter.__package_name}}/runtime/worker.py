@@ -60,6 +60,7 @@ Handler = Callable[[Any, JobContext], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 Outcome = tuple[str, BaseException] | None  # None: handled and acknowledged
 PULL_EXPIRES = 30.0  # a pull request stays open this long on an idle stream
+REFUSED_BACKOFF_MAX = 1.0  # longest pause after the server refused a pull request
 PULL_HEARTBEAT = 1.0  # the server pings an idle request this often (silence: 3 of them)
 _NS = 1_000_000_000
 
@@ -319,8 +320,9 @@ class Worker:
         headers = msg.headers or {}
         code = headers.get("Status", "")
         self.last_activity_at = asyncio.get_running_loop().time()
-        if code == "100":
-            return  # idle heartbeat: the request is alive
+        if code == "100":  # idle heartbeat: the request is alive, so the server takes pulls
+            self._refused_backoff = 0.0
+            return
         pending = headers.get("Nats-Pending-Messages")
         if pending is not None:
             self._credit = max(0, self._credit - int(pending))
@@ -335,7 +337,9 @@ class Worker:
         description = headers.get("Description", "").split("\n", 1)[0].strip()
         if not description and code == "503":
             description = "no responders (is the consumer there?)"
-        self._refused_backoff = min(max(0.1, self._refused_backoff * 2), 5.0)
+        # Capped at 1 s: enough to never spin, short enough that a consumer leader election
+        # (several refusals in a row for a few seconds) costs at most a second of idleness.
+        self._refused_backoff = min(max(0.1, self._refused_backoff * 2), REFUSED_BACKOFF_MAX)
         self._refused_until = asyncio.get_running_loop().time() + self._refused_backoff
         if self._refused_backoff != self._refused_logged:
             self._refused_logged = self._refused_backoff
