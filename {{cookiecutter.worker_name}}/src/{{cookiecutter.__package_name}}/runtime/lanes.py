@@ -17,9 +17,12 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
@@ -28,6 +31,7 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
     NoKeysError,
     NotFoundError,
+    ServiceUnavailableError,
 )
 
 from .errors import RouteRefusedError, WorkerError
@@ -142,16 +146,18 @@ async def switch(
 ) -> SwitchResult:
     """Route new work to ``target``. Refuses when no instance of that lane is alive."""
     js = nc.jetstream()
-    info = await js.stream_info(settings.stream_name)
+    info = await patiently(lambda: js.stream_info(settings.stream_name), "reading the stream")
     previous = lane_of(info, settings)
     if previous == target:
         log.info("route already points at lane %s: nothing to do", target)
         return SwitchResult(target, previous, changed=False)
     if not force:
+
+        def live_in_target(i: dict[str, Any]) -> bool:
+            return i.get("lane") == target and i.get("state") in LIVE_STATES
+
         alive = [
-            i
-            for i in await discover(nc, settings)
-            if i.get("lane") == target and i.get("state") in ("starting", "running", "retiring")
+            i for i in await discover(nc, settings, enough=live_in_target) if live_in_target(i)
         ]
         if not alive:
             raise RouteRefusedError(
@@ -168,7 +174,7 @@ async def switch(
             ) from None
     config = info.config
     config.subject_transform = route_transform(settings, target)
-    await js.update_stream(config)
+    await patiently(lambda: js.update_stream(config), "switching the route")  # idempotent
     await record(js, settings, RouteChange.now(target, previous, note))
     log.info("route switched: new work -> lane %s (was %s)", target, previous)
     result = SwitchResult(target, previous, changed=True)
@@ -177,6 +183,27 @@ async def switch(
             nc, settings, previous, within=move_timeout
         )
     return result
+
+
+LIVE_STATES = ("starting", "running", "retiring")
+ROUTE_PATIENCE = 20.0  # seconds route retries a stream without a leader (an election)
+T = TypeVar("T")
+
+
+async def patiently(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """Retry a JetStream API call through a leader election (503 or timeout), for a while."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ROUTE_PATIENCE
+    delay = 0.2
+    while True:
+        try:
+            return await call()
+        except (ServiceUnavailableError, NatsTimeoutError) as exc:
+            if loop.time() + delay > deadline:
+                raise
+            log.info("%s: %s; retrying (leader election?)", what, type(exc).__name__)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 def _ingress_subject(settings: Settings, stored: str, lane: str) -> str:

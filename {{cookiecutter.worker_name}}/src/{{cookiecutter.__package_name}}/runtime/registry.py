@@ -149,30 +149,46 @@ class Registry:
             self._service = None
 
 
-async def discover(nc: Client, settings: Settings, window: float = 0.5) -> list[dict[str, Any]]:
-    """Ask every live instance of this stream (``$SRV.INFO.<worker>``) for ``window`` seconds.
+async def discover(
+    nc: Client,
+    settings: Settings,
+    window: float = 0.5,
+    enough: Callable[[dict[str, Any]], bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Ask every live instance of this stream (``$SRV.INFO.<worker>``) for ``window`` seconds,
+    or only until one answer satisfies ``enough`` (``route`` needs just one live instance).
 
     Instances of the same worker serving another stream on the account (staging next to
     production, say) answer too; their metadata names their stream, and they are left out.
     """
     inbox = nc.new_inbox()
     found: list[dict[str, Any]] = []
+    satisfied = asyncio.Event()
 
     async def collect(msg: Msg) -> None:
         with contextlib.suppress(ValueError):
             info = json.loads(msg.data)
-            found.append(
-                {**info.get("metadata", {}), "version": info.get("version"), "id": info.get("id")}
-            )
+            answer = {
+                **info.get("metadata", {}),
+                "version": info.get("version"),
+                "id": info.get("id"),
+            }
+            if answer.get("stream") != settings.stream_name:
+                return
+            found.append(answer)
+            if enough is not None and enough(answer):
+                satisfied.set()
 
     sub = await nc.subscribe(inbox, cb=collect)
     try:
         await nc.publish(f"$SRV.INFO.{WORKER_NAME}", b"", reply=inbox)
         await nc.flush()
-        await asyncio.sleep(window)  # scatter-gather: answers have no count to wait for
+        # Scatter-gather: answers have no count to wait for, so the window bounds the wait.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(satisfied.wait(), window)
     finally:
         await sub.unsubscribe()
-    return [i for i in found if i.get("stream") == settings.stream_name]
+    return found
 
 
 async def heartbeats(js: JetStreamContext, settings: Settings) -> list[dict[str, Any]]:
