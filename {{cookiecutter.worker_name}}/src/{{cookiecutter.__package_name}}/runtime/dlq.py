@@ -8,7 +8,6 @@ queue: it is never lost.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -25,6 +24,7 @@ from nats.js.errors import NotFoundError
 from .. import __version__
 from .errors import describe
 from .publish import publish_many
+from .retrying import retry
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -124,30 +124,28 @@ async def dead_letter(
     # Ride out a leader election of the DLQ stream (~5-7 s after a node dies: "no responders"):
     # retry for up to DLQ_PATIENCE seconds, telling the server we still hold the job. Giving up
     # early is what strands a job on its final delivery (see tests/chaos).
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DLQ_PATIENCE
-    delay = 0.2
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            await js.publish(settings.dlq_subject, msg.data, headers=headers, timeout=5.0)
-            break
-        except Exception as exc:  # timeouts, no responders during a leader election, ...
-            if attempt >= attempts and loop.time() + delay > deadline:
-                log.error(
-                    "DLQ publish failed %d times in %.0fs (%s); leaving stream seq %s for "
-                    "redelivery",
-                    attempt,
-                    DLQ_PATIENCE,
-                    type(exc).__name__,
-                    headers[H_SEQUENCE],
-                )
-                return False
-            with contextlib.suppress(Exception):
-                await msg.in_progress()  # keep the job ours while the DLQ elects a leader
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    tries = 0
+
+    async def publish() -> None:
+        nonlocal tries
+        tries += 1
+        await js.publish(settings.dlq_subject, msg.data, headers=headers, timeout=5.0)
+
+    async def keep_the_job(_exc: Exception) -> None:
+        with contextlib.suppress(Exception):
+            await msg.in_progress()  # keep the job ours while the DLQ elects a leader
+
+    try:  # timeouts, no responders during a leader election, ...
+        await retry(publish, patience=DLQ_PATIENCE, min_attempts=attempts, between=keep_the_job)
+    except Exception as exc:
+        log.error(
+            "DLQ publish failed %d times in %.0fs (%s); leaving stream seq %s for redelivery",
+            tries,
+            DLQ_PATIENCE,
+            type(exc).__name__,
+            headers[H_SEQUENCE],
+        )
+        return False
     await msg.term()
     return True
 
@@ -270,20 +268,20 @@ class MaxDeliveriesRescue:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable MAX_DELIVERIES advisory")
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + RESCUE_PATIENCE
-        delay = 0.5
-        while True:  # the DLQ may be electing a leader: the advisory comes only once
-            try:
-                await self.rescue(seq, deliveries)
-                return
-            except Exception as exc:  # another instance was faster, or the broker is busy
-                if loop.time() + delay > deadline:
-                    log.error("max-deliveries rescue of seq %d failed: %s", seq, describe(exc))
-                    return
-                log.debug("max-deliveries rescue of seq %d: retrying (%s)", seq, describe(exc))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 4.0)
+
+        async def note_retry(exc: Exception) -> None:
+            log.debug("max-deliveries rescue of seq %d: retrying (%s)", seq, describe(exc))
+
+        try:  # the DLQ may be electing a leader, and the advisory comes only once
+            await retry(
+                lambda: self.rescue(seq, deliveries),
+                patience=RESCUE_PATIENCE,
+                between=note_retry,
+                first_delay=0.5,
+                max_delay=4.0,
+            )
+        except Exception as exc:  # the broker stayed busy for the whole patience
+            log.error("max-deliveries rescue of seq %d failed: %s", seq, describe(exc))
 
     async def rescue(self, seq: int, deliveries: int) -> None:
         s = self.settings

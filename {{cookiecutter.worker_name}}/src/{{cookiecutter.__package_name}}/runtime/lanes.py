@@ -38,6 +38,7 @@ from .errors import RouteRefusedError, WorkerError
 from .names import WORKER_NAME
 from .publish import publish_many
 from .registry import discover
+from .retrying import retry
 from .settings import Settings
 from .topology import ensure_bucket, lane_of, route_transform
 
@@ -192,18 +193,14 @@ T = TypeVar("T")
 
 async def patiently(call: Callable[[], Awaitable[T]], what: str) -> T:
     """Retry a JetStream API call through a leader election (503 or timeout), for a while."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + ROUTE_PATIENCE
-    delay = 0.2
-    while True:
-        try:
-            return await call()
-        except (ServiceUnavailableError, NatsTimeoutError) as exc:
-            if loop.time() + delay > deadline:
-                raise
-            log.info("%s: %s; retrying (leader election?)", what, type(exc).__name__)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
+
+    async def election(exc: Exception) -> bool:
+        return isinstance(exc, ServiceUnavailableError | NatsTimeoutError)
+
+    async def note_retry(exc: Exception) -> None:
+        log.info("%s: %s; retrying (leader election?)", what, type(exc).__name__)
+
+    return await retry(call, patience=ROUTE_PATIENCE, should_retry=election, between=note_retry)
 
 
 def _ingress_subject(settings: Settings, stored: str, lane: str) -> str:

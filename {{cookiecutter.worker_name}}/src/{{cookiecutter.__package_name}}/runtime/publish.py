@@ -21,6 +21,7 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from ..job import Job
 from .connection import connect
+from .retrying import retry
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -50,26 +51,24 @@ async def publish_patiently(
     retried; a timeout only with a ``Nats-Msg-Id``, which the stream deduplicates. A subject that
     no stream stores fails at once (the meta leader says so), not after ``patience``.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + patience
-    delay = 0.2
     checked = False
-    while True:
-        try:
-            return await js.publish(subject, data, headers=headers)
-        except (NoStreamResponseError, NoRespondersError, NatsTimeoutError) as exc:
-            timeout = isinstance(exc, NatsTimeoutError)
-            if loop.time() + delay > deadline or (
-                timeout and not (headers or {}).get("Nats-Msg-Id")
-            ):
-                raise
-            if not timeout and not checked:
-                stored = await _stream_stores(js, subject)
-                if stored is False:  # a real misconfiguration, not an election: say so now
-                    raise exc from None
-                checked = stored is True
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
+
+    async def election(exc: Exception) -> bool:
+        nonlocal checked
+        if isinstance(exc, NatsTimeoutError):  # maybe stored: safe to repeat only if deduplicated
+            return bool((headers or {}).get("Nats-Msg-Id"))
+        if not isinstance(exc, NoStreamResponseError | NoRespondersError):
+            return False
+        if not checked:
+            stored = await _stream_stores(js, subject)
+            if stored is False:  # a real misconfiguration, not an election: say so now
+                return False
+            checked = stored is True
+        return True
+
+    return await retry(
+        lambda: js.publish(subject, data, headers=headers), patience=patience, should_retry=election
+    )
 
 
 async def _stream_stores(js: JetStreamContext, subject: str) -> bool | None:
