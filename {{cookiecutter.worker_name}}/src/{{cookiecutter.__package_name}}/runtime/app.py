@@ -18,6 +18,7 @@ from .health import HealthServer
 from .registry import Registry
 from .retirement import LaneWatcher
 from .settings import Settings
+from .telemetry_config import setup_if_wanted
 from .worker import Handler, Hook, Worker
 
 if TYPE_CHECKING:
@@ -96,13 +97,7 @@ async def serve(
 ) -> int:
     """Run one instance until it is stopped or retires; return the exit code."""
     if telemetry is None:
-        from .telemetry_config import wanted
-
-        traces, metrics = wanted(settings, dev=dev)
-        if traces != "none" or metrics:  # the SDK is imported only when it will be used
-            from .telemetry import setup
-
-            telemetry = setup(settings, dev=dev)
+        telemetry = setup_if_wanted(settings, dev=dev)  # imports the SDK only when it is used
     worker = Worker(
         settings,
         job_model,

@@ -37,6 +37,7 @@ from .errors import (
 )
 from .names import DESCRIPTION, WORKER_NAME
 from .settings import Settings, load_settings
+from .telemetry_config import setup_if_wanted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,18 +81,6 @@ def _with_nats(settings: Settings, body: Callable[[Client], Awaitable[int]]) -> 
 
 
 # --------------------------------------------------------------------------------- run
-
-
-def _telemetry(settings: Settings) -> Any:
-    """Telemetry for short CLI commands (publish, replay), or None when not configured."""
-    from .telemetry_config import wanted
-
-    traces, _ = wanted(settings)
-    if traces == "none":
-        return None
-    from .telemetry import setup
-
-    return setup(settings)
 
 
 async def _run_worker(settings: Settings, demo: int, dev: bool = False) -> int:
@@ -271,7 +260,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     async def go() -> int:
         from .publish import Producer, publish_many
 
-        telemetry = _telemetry(settings)
+        telemetry = setup_if_wanted(settings, traces_only=True)
         async with Producer(settings, telemetry=telemetry) as producer:
             if args.raw:  # bytes as given: for testing the DLQ path with bad payloads
                 headers = {"Nats-Msg-Id": args.msg_id} if args.msg_id else None
@@ -399,7 +388,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             missing = wanted - {e.seq for e in entries}
             if missing:
                 raise InputError(f"no DLQ entry with seq {sorted(missing)}: see 'dlq list'")
-            telemetry = _telemetry(settings)
+            telemetry = setup_if_wanted(settings, traces_only=True)
             count = await dlq.replay(js, settings, entries, telemetry)
             if telemetry is not None:
                 telemetry.shutdown()

@@ -4,8 +4,27 @@ that telemetry is *off* costs nothing at startup."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
+
+
+def setup_if_wanted(
+    settings: Settings, *, dev: bool = False, traces_only: bool = False
+) -> Telemetry | None:
+    """Telemetry when the environment asks for it, else None without importing the SDK.
+
+    ``traces_only``: short CLI commands (publish, replay) have spans to send but no metrics.
+    """
+    traces, metrics = wanted(settings, dev=dev)
+    if traces == "none" and (traces_only or not metrics):
+        return None
+    from .telemetry import setup
+
+    return setup(settings, dev=dev)
 
 
 def wanted(settings: Settings, *, dev: bool = False) -> tuple[str, list[str]]:

@@ -134,7 +134,6 @@ class Worker:
         self._refused_logged = 0.0
         self._puller: asyncio.Task[None] | None = None
         self._log_jobs = log.isEnabledFor(logging.DEBUG)  # decided once, not per message
-        self._psub: JetStreamContext.PullSubscription | None = None
         self.last_activity_at = 0.0  # loop time of the last delivery or heartbeat (liveness)
         self.retiring = False  # set by the lane watcher once this lane is routed away from
         # Extension points for the registry, the lane watcher and health (see app.py):
@@ -199,7 +198,7 @@ class Worker:
                 report = await provision(self.js, self.settings)
                 for line in report.lines():
                     log.info("provision: %s", line)
-            self._psub = await self.js.pull_subscribe_bind(
+            psub = await self.js.pull_subscribe_bind(
                 durable=self.settings.durable, stream=self.settings.stream_name
             )
             log.info(
@@ -212,7 +211,7 @@ class Worker:
             for hook in self.started_hooks:
                 await hook()
             if not self.stopping.is_set():
-                await self._consume(self._psub)
+                await self._consume(psub)
         finally:
             for closing in reversed(self.closing_hooks):
                 try:
@@ -388,7 +387,6 @@ class Worker:
                 )
             finally:
                 slot.msg = None
-                slot.handler_since = 0.0
                 self._busy -= 1
                 if not self._room.is_set():
                     self._room.set()
@@ -400,29 +398,29 @@ class Worker:
         except Exception as exc:  # ValidationError, or e.g. a recursion limit: never retryable
             return await self._dead_letter(msg, "invalid", exc), exc
         slot.handler_since = slot.progress_at = loop.time()
+        error: Exception | None = None
         try:
             await self.handler(job, JobContext(msg))
         except asyncio.CancelledError:
-            slot.handler_since = 0.0
             if not slot.timed_out:
                 raise
             slot.timed_out = False
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            limit = self.settings.handler_timeout
-            timeout = HandlerTimeoutError(f"handler ran longer than {limit:g}s")
-            return await self._failed(msg, timeout), timeout
-        except Retry as exc:
-            slot.handler_since = 0.0
-            return await self._retry(msg, exc.delay, exc), exc
-        except Reject as exc:
-            slot.handler_since = 0.0
-            return await self._dead_letter(msg, "rejected", exc), exc
+            error = HandlerTimeoutError(
+                f"handler ran longer than {self.settings.handler_timeout:g}s"
+            )
         except Exception as exc:
-            slot.handler_since = 0.0
-            return await self._failed(msg, exc), exc
-        slot.handler_since = 0.0
+            error = exc
+        finally:
+            slot.handler_since = 0.0  # out of the handler: the beat no longer times it
+        if error is not None:
+            if isinstance(error, Retry):
+                return await self._retry(msg, error.delay, error), error
+            if isinstance(error, Reject):
+                return await self._dead_letter(msg, "rejected", error), error
+            return await self._failed(msg, error), error
         await msg.ack()
         self.counters.processed += 1
         if self._log_jobs:
