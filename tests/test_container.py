@@ -261,8 +261,11 @@ def test_code_change_reuses_the_dependency_layer(
     (warmed by the session's build of an identical pyproject.toml)."""
     project = bake.fresh()
     handler = project.path / "src" / project.package_name / "handler.py"
-    handler.write_text(handler.read_text("utf-8") + "\n# edited\n", encoding="utf-8")
-    tag = f"localhost/{project.worker_name}-cachetest:{uuid.uuid4().hex[:8]}"
+    # A unique edit: the engine's layer cache outlives this run, and a fixed edit built once
+    # before (an earlier run on the same machine) would come from the cache.
+    nonce = uuid.uuid4().hex[:8]
+    handler.write_text(handler.read_text("utf-8") + f"\n# edited {nonce}\n", encoding="utf-8")
+    tag = f"localhost/{project.worker_name}-cachetest:{nonce}"
     try:
         output = build_image(engine, project, tag)
     finally:
