@@ -26,7 +26,13 @@ from nats.aio.msg import Msg
 from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.metrics import (
+    CallbackOptions,
+    Meter,
+    MeterProvider,
+    Observation,
+    set_meter_provider,
+)
 from opentelemetry.semconv._incubating.attributes import messaging_attributes as msg_attrs
 from opentelemetry.semconv.attributes import service_attributes
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
@@ -313,6 +319,8 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
                 SimpleSpanProcessor(ConsoleSpanExporter(formatter=_one_line_span))
             )
         tracer_provider = sdk_tracer
+        # Global, so the handler's own spans (and instrumented libraries) join the job's trace.
+        trace.set_tracer_provider(sdk_tracer)
         closers.append(sdk_tracer.shutdown)
         for handler in logging.getLogger().handlers:
             handler.addFilter(TraceContextFilter())
@@ -334,6 +342,7 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
             resource=resource, metric_readers=readers, shutdown_on_exit=False
         )
         meter_provider = sdk_meter
+        set_meter_provider(sdk_meter)  # the handler's own instruments export with the chassis's
         closers.append(sdk_meter.shutdown)
     log.info("telemetry: traces=%s metrics=%s", traces, ",".join(metrics) or "none")
 
