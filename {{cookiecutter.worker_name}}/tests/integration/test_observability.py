@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
@@ -36,6 +37,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from otlp_sink import Exported, OtlpSink
 from worker_testkit import NatsServer, WorkerEnv, WorkerProcess, free_port, wait_until
 
 import {{ cookiecutter.__package_name }} as package
@@ -549,6 +551,89 @@ def test_a_worker_without_otel_config_never_imports_the_sdk(worker_env: WorkerEn
     assert "span_id" not in off_done
     assert len(str(on_done["trace_id"])) == 32
     assert len(str(on_done["span_id"])) == 16
+
+
+# --------------------------------------------------------------------------------- OTLP export
+
+
+PRODUCER_TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+PRODUCER_SPAN = 0x00F067AA0BA902B7
+
+
+def otlp_run(env: WorkerEnv, sink: OtlpSink, name: str) -> list[Exported]:
+    """A worker subprocess exporting to ``sink`` handles a traced job and a job that fails once;
+    returns the CONSUMER spans the sink holds the moment the worker has exited."""
+    worker = env.spawn(
+        name=name,
+        OTEL_EXPORTER_OTLP_ENDPOINT=sink.endpoint,
+        SDK_CONSUMER_SPANS=str(name == "sdk").lower(),
+        NO_PROXY="127.0.0.1",  # a proxy set for the machine would send the chassis to the SDK
+    )
+    traced, flaky = f"{name}-traced-{tag()}", f"{name}-flaky-{tag()}"
+    parent = f"00-{PRODUCER_TRACE:032x}-{PRODUCER_SPAN:016x}-01"
+
+    async def publish(js: Any) -> None:
+        await js.publish(
+            env.ingress,
+            json.dumps({"id": traced}).encode(),
+            headers={"Nats-Msg-Id": traced, "traceparent": parent},
+        )
+        await js.publish(
+            env.ingress,
+            json.dumps({"id": flaky, "fail_times": 1}).encode(),
+            headers={"Nats-Msg-Id": flaky},
+        )
+
+    env.js(publish)
+    worker.wait_done([traced, flaky])
+    assert worker.stop() == 0, worker.tail()
+    return sink.consumer_spans()  # no waiting: the graceful stop flushed them
+
+
+def comparable(span: Exported) -> dict[str, Any]:
+    """What must not depend on how the span was recorded (ids and times aside)."""
+    attributes = span.attributes
+    attributes.pop(MSG_ID)  # different jobs in the two runs
+    attributes.pop("messaging.nats.stream_sequence")
+    return {
+        "name": span.span.name,
+        "attributes": attributes,
+        "status": span.span.status.code,
+        "events": [(e.name, sorted(kv.key for kv in e.attributes)) for e in span.span.events],
+        "resource": sorted(span.resource),
+        "scope": span.scope,
+    }
+
+
+def test_consumer_spans_reach_an_otlp_collector_alike_with_and_without_the_sdk(
+    worker_env: WorkerEnv,
+) -> None:
+    """The chassis's own OTLP path and the SDK's, side by side: same spans, same trace links."""
+    by_path: dict[str, list[Exported]] = {}
+    for path in ("chassis", "sdk"):
+        with OtlpSink() as sink:
+            spans = otlp_run(worker_env, sink, path)
+            agents = {h.get("user-agent", "").split("/")[0] for h in sink.headers}
+        by_path[path] = spans
+        sender = "worker-chassis-otlp" if path == "chassis" else "OTel-OTLP-Exporter-Python"
+        assert agents == {sender}
+        assert len(spans) == 3, [s.span.name for s in spans]
+        [traced] = [s for s in spans if s.parent_id]
+        assert (traced.trace_id, traced.parent_id) == (PRODUCER_TRACE, PRODUCER_SPAN)
+        flaky = sorted(
+            (s for s in spans if not s.parent_id), key=lambda s: s.span.start_time_unix_nano
+        )
+        assert [s.attributes["messaging.nats.delivery_count"] for s in flaky] == [1, 2]
+        assert flaky[0].trace_id != flaky[1].trace_id  # no producer context: each is a root
+        assert flaky[0].span.status.code == Status.STATUS_CODE_ERROR
+        assert flaky[0].attributes["worker.outcome"] == "retried"
+        assert flaky[1].span.status.code == Status.STATUS_CODE_UNSET
+        for span in spans:
+            assert span.span.end_time_unix_nano >= span.span.start_time_unix_nano > 0
+            assert span.resource["worker.lane"] == worker_env.settings().lane
+    chassis = sorted(map(comparable, by_path["chassis"]), key=repr)
+    sdk = sorted(map(comparable, by_path["sdk"]), key=repr)
+    assert chassis == sdk
 
 
 # --------------------------------------------------------------------------------- health

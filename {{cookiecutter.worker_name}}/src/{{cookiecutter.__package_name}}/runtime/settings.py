@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     prometheus_metrics: bool = Field(
         default=False, description="Serve Prometheus metrics at /metrics on HEALTH_PORT."
     )
+    sdk_consumer_spans: bool = Field(
+        default=False,
+        description="Record each job's CONSUMER span with the OpenTelemetry SDK (slower) instead "
+        "of the chassis's own OTLP recorder.",
+    )
     loop_stall_warning: float = Field(
         default=1.0, ge=0, description="Warn when the event loop was blocked this long; 0 = off."
     )

@@ -20,7 +20,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 from opentelemetry import context as context_api
@@ -42,6 +42,9 @@ from .errors import describe
 from .names import WORKER_NAME
 from .settings import Settings
 from .telemetry_config import wanted
+
+if TYPE_CHECKING:
+    from .consumer_spans import ConsumerSpans
 
 log = logging.getLogger(__name__)
 SCOPE = "worker.chassis"
@@ -71,8 +74,12 @@ class Telemetry:
         tracer_provider: TracerProvider | None,
         meter_provider: MeterProvider | None,
         shutdown: Callable[[], None] | None = None,
+        consumer_spans: ConsumerSpans | None = None,
     ) -> None:
         self.settings = settings
+        # Set when the CONSUMER span skips the SDK (OTLP export, standard sampler): the worker
+        # then records it through this instead of start_consume/end_consume.
+        self.consumer_spans = consumer_spans
         self.tracing = tracer_provider is not None
         self.metrics = meter_provider is not None
         self.tracer: Tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer(
@@ -82,16 +89,7 @@ class Telemetry:
             meter_provider.get_meter(SCOPE, __version__) if meter_provider else None
         )
         self._shutdown = shutdown
-        self._static = {
-            ATTR_SYSTEM: "nats",
-            ATTR_OPERATION: "process",
-            ATTR_OPERATION_NAME: "process",
-            ATTR_CONSUMER: settings.durable,
-            ATTR_SUBSCRIPTION: settings.durable,
-            ATTR_STREAM: settings.stream_name,
-            ATTR_LANE: settings.lane,
-            ATTR_VERSION: __version__,
-        }
+        self._static = consumer_attributes(settings)
         self.backlog: dict[str, int] = {"pending": 0, "unacked": 0}
         self._names: dict[str, str] = {}  # span name per subject, built once
         if self.meter is not None:
@@ -271,6 +269,20 @@ class Telemetry:
             )
 
 
+def consumer_attributes(settings: Settings) -> dict[str, str]:
+    """The CONSUMER span's attributes that are the same for every delivery."""
+    return {
+        ATTR_SYSTEM: "nats",
+        ATTR_OPERATION: "process",
+        ATTR_OPERATION_NAME: "process",
+        ATTR_CONSUMER: settings.durable,
+        ATTR_SUBSCRIPTION: settings.durable,
+        ATTR_STREAM: settings.stream_name,
+        ATTR_LANE: settings.lane,
+        ATTR_VERSION: __version__,
+    }
+
+
 class TraceContextFilter(logging.Filter):
     """Stamp ``trace_id``/``span_id`` of the current span on every log record."""
 
@@ -299,6 +311,7 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
     )
     closers: list[Callable[[], Any]] = []
     tracer_provider = None
+    consumer_spans = None
     if traces != "none":
         from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
         from opentelemetry.sdk.trace.export import (
@@ -314,6 +327,11 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             sdk_tracer.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            consumer_spans = (
+                None if settings.sdk_consumer_spans else _consumer_spans(settings, resource)
+            )
+            if consumer_spans is not None:
+                closers.append(consumer_spans.shutdown)
         else:
             sdk_tracer.add_span_processor(
                 SimpleSpanProcessor(ConsoleSpanExporter(formatter=_one_line_span))
@@ -344,13 +362,38 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
         meter_provider = sdk_meter
         set_meter_provider(sdk_meter)  # the handler's own instruments export with the chassis's
         closers.append(sdk_meter.shutdown)
-    log.info("telemetry: traces=%s metrics=%s", traces, ",".join(metrics) or "none")
+    log.info(
+        "telemetry: traces=%s metrics=%s%s",
+        traces,
+        ",".join(metrics) or "none",
+        " (consumer spans: chassis)" if consumer_spans else "",
+    )
 
     def shutdown() -> None:
         for close in closers:
             close()
 
-    return Telemetry(settings, tracer_provider, meter_provider, shutdown)
+    return Telemetry(settings, tracer_provider, meter_provider, shutdown, consumer_spans)
+
+
+def _consumer_spans(settings: Settings, resource: Any) -> ConsumerSpans | None:
+    """The SDK-free CONSUMER span recorder, when the sampler is a standard one."""
+    from . import consumer_spans as fast
+
+    sampling = fast.wanted()
+    if sampling is None:
+        return None
+    env = os.environ
+    encoder = fast.OtlpEncoder(
+        dict(resource.attributes), SCOPE, __version__, consumer_attributes(settings)
+    )
+    return fast.ConsumerSpans(
+        sampling,
+        fast.OtlpSender(encoder, env),
+        max_queue=int(env.get("OTEL_BSP_MAX_QUEUE_SIZE") or 2048),
+        batch_size=int(env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") or 512),
+        delay=int(env.get("OTEL_BSP_SCHEDULE_DELAY") or 1000) / 1000,
+    )
 
 
 def _one_line_span(span: Any) -> str:

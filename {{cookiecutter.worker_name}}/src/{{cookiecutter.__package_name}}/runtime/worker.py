@@ -111,7 +111,13 @@ class Worker:
         self.settings = settings
         self.telemetry = telemetry
         # Chosen once: with telemetry off the hot path has no tracing code at all.
-        self._process_job = self._process_traced if telemetry is not None else self._process
+        self._process_job = (
+            self._process
+            if telemetry is None
+            else self._process_recorded
+            if telemetry.consumer_spans is not None
+            else self._process_traced
+        )
         self.job_model = job_model
         self.handler = handler
         self.install_signal_handlers = install_signal_handlers
@@ -441,6 +447,25 @@ class Worker:
                 telemetry.fail(span, result[1], result[0])
         finally:
             telemetry.end_consume(span, token)
+        if telemetry.metrics:
+            telemetry.record_duration(loop.time() - started, result[0] if result else "processed")
+        return result
+
+    async def _process_recorded(
+        self, msg: Msg, slot: _Slot, loop: asyncio.AbstractEventLoop
+    ) -> Outcome:
+        """The same, with the CONSUMER span recorded by ``consumer_spans`` (no SDK per job)."""
+        telemetry = self.telemetry
+        assert telemetry is not None
+        spans = telemetry.consumer_spans
+        assert spans is not None
+        started = loop.time()
+        span = spans.start(msg)
+        result: Outcome = None
+        try:
+            result = await self._process(msg, slot, loop)
+        finally:
+            spans.end(span, msg, result)
         if telemetry.metrics:
             telemetry.record_duration(loop.time() - started, result[0] if result else "processed")
         return result
