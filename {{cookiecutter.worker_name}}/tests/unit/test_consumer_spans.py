@@ -23,6 +23,7 @@ from {{ cookiecutter.__package_name }}.runtime.consumer_spans import (
     OtlpSender,
     Record,
     Sampling,
+    env_number,
     parse_headers,
     parse_traceparent,
     traces_endpoint,
@@ -356,3 +357,14 @@ def test_the_endpoint_follows_the_otlp_rules(env: dict[str, str], expected: str)
 
 def test_headers_parse_like_the_exporter() -> None:
     assert parse_headers("a=1, B = two%3D2 ,bad,=x") == {"a": "1", "b": "two=2"}
+
+
+def test_bad_numbers_fall_back_to_the_default_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert env_number({"X": "soon"}, "X", 10) == 10
+        assert env_number({"X": "-1"}, "X", 10) == 10
+    assert env_number({"X": "2.5"}, "X", 10) == 2.5
+    assert env_number({}, "X", 10) == 10
+    assert caplog.text.count("is not a positive number") == 2

@@ -428,7 +428,9 @@ class OtlpSender:
         }
         if self.compression in ("gzip", "deflate"):
             self.headers["Content-Encoding"] = self.compression
-        timeout = float(_env(env, "TIMEOUT") or 10)
+        timeout = env_number(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0) or env_number(
+            env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10
+        )
         self.connection: http.client.HTTPConnection
         if url.scheme == "https":
             context = ssl.create_default_context(cafile=_env(env, "CERTIFICATE"))
@@ -477,6 +479,21 @@ class OtlpSender:
 def _env(env: Mapping[str, str], name: str) -> str | None:
     """The traces-specific ``OTEL_EXPORTER_OTLP_TRACES_<name>``, else the general one."""
     return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}")
+
+
+def env_number(env: Mapping[str, str], name: str, default: float) -> float:
+    """A positive number from ``env``; like the SDK, a bad value is a warning, not a crash."""
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        log.warning("%s=%r is not a positive number; using %g", name, raw, default)
+        return default
+    return value
 
 
 def traces_endpoint(env: Mapping[str, str]) -> str:

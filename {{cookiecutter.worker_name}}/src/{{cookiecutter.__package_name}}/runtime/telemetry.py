@@ -390,9 +390,9 @@ def _consumer_spans(settings: Settings, resource: Any) -> ConsumerSpans | None:
     return fast.ConsumerSpans(
         sampling,
         fast.OtlpSender(encoder, env),
-        max_queue=int(env.get("OTEL_BSP_MAX_QUEUE_SIZE") or 2048),
-        batch_size=int(env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") or 512),
-        delay=int(env.get("OTEL_BSP_SCHEDULE_DELAY") or 1000) / 1000,
+        max_queue=int(fast.env_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)),
+        batch_size=int(fast.env_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
+        delay=fast.env_number(env, "OTEL_BSP_SCHEDULE_DELAY", 1000) / 1000,
     )
 
 
