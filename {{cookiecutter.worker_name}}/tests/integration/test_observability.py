@@ -47,7 +47,11 @@ from {{ cookiecutter.__package_name }}.runtime import JobContext, app, dlq
 from {{ cookiecutter.__package_name }}.runtime.logs import JsonFormatter
 from {{ cookiecutter.__package_name }}.runtime.publish import Producer
 from {{ cookiecutter.__package_name }}.runtime.settings import Settings
-from {{ cookiecutter.__package_name }}.runtime.telemetry import Telemetry, TraceContextFilter
+from {{ cookiecutter.__package_name }}.runtime.telemetry import (
+    DURATION_BUCKETS,
+    Telemetry,
+    TraceContextFilter,
+)
 from {{ cookiecutter.__package_name }}.runtime.worker import Handler, Worker
 
 pytestmark = pytest.mark.integration
@@ -478,6 +482,7 @@ def test_metrics_move_for_success_retry_and_dead_letter(worker_env: WorkerEnv) -
         assert dict(point.attributes or {})["messaging.system"] == "nats"
         assert dict(point.attributes or {})["worker.lane"] == settings.lane
         assert 0 <= point.min <= point.max < 10
+        assert tuple(point.explicit_bounds) == DURATION_BUCKETS  # seconds, not milliseconds
 
 
 # --------------------------------------------------------------------------------- telemetry off

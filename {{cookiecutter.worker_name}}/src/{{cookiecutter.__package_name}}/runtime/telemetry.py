@@ -63,6 +63,7 @@ ATTR_STREAM_SEQ = "messaging.nats.stream_sequence"
 ATTR_LANE = "worker.lane"
 ATTR_VERSION = "worker.version"
 ATTR_OUTCOME = "worker.outcome"
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 
 
 class Telemetry:
@@ -97,6 +98,9 @@ class Telemetry:
                 "messaging.process.duration",
                 unit="s",
                 description="Time to process one job, handler and settlement included.",
+                # Semconv's advice for messaging durations, in seconds (the SDK's default
+                # buckets are meant for milliseconds and would put every job in the first one).
+                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
             )
 
     # ------------------------------------------------------------------ producer side
