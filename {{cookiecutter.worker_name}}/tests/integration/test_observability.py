@@ -44,6 +44,7 @@ import {{ cookiecutter.__package_name }} as package
 from {{ cookiecutter.__package_name }}.handler import handle
 from {{ cookiecutter.__package_name }}.job import Job
 from {{ cookiecutter.__package_name }}.runtime import JobContext, app, dlq
+from {{ cookiecutter.__package_name }}.runtime.job_durations import reader_with
 from {{ cookiecutter.__package_name }}.runtime.logs import JsonFormatter
 from {{ cookiecutter.__package_name }}.runtime.publish import Producer
 from {{ cookiecutter.__package_name }}.runtime.settings import Settings
@@ -51,6 +52,7 @@ from {{ cookiecutter.__package_name }}.runtime.telemetry import (
     DURATION_BUCKETS,
     Telemetry,
     TraceContextFilter,
+    job_durations,
 )
 from {{ cookiecutter.__package_name }}.runtime.worker import Handler, Worker
 
@@ -141,9 +143,11 @@ def capture(settings: Settings) -> Captured:
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
+    durations = job_durations(settings)  # wired as telemetry.setup wires it
+    reader = reader_with(durations, InMemoryMetricReader)
     meter_provider = MeterProvider(metric_readers=[reader])
-    return Captured(Telemetry(settings, tracer_provider, meter_provider), spans, reader)
+    telemetry = Telemetry(settings, tracer_provider, meter_provider, durations=durations)
+    return Captured(telemetry, spans, reader)
 
 
 def attrs(span: ReadableSpan) -> Mapping[str, Any]:
@@ -725,6 +729,9 @@ def test_health_through_outage_and_drain(
         return prometheus_value(text, "worker_jobs_processed_total")
 
     assert wait_until(processed, 15, "worker_jobs_processed_total", details=worker.tail) == 1.0
+    text = http_get(health, "/metrics")[1]  # the chassis's own histogram, through the reader
+    assert prometheus_value(text, "messaging_process_duration_seconds_count") == 1.0, text
+    assert 'le="0.005"' in text, text
 
     # 4. Broker down: not ready (the pod leaves the endpoints), still alive (no restart).
     server.stop()

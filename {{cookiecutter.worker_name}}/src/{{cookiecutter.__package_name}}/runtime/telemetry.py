@@ -45,6 +45,7 @@ from .telemetry_config import wanted
 
 if TYPE_CHECKING:
     from .consumer_spans import ConsumerSpans
+    from .job_durations import JobDurations
 
 log = logging.getLogger(__name__)
 SCOPE = "worker.chassis"
@@ -63,6 +64,8 @@ ATTR_STREAM_SEQ = "messaging.nats.stream_sequence"
 ATTR_LANE = "worker.lane"
 ATTR_VERSION = "worker.version"
 ATTR_OUTCOME = "worker.outcome"
+# Semconv's advice for messaging durations, in seconds (the SDK's default buckets are meant for
+# milliseconds and would put every job in the first one).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 
 
@@ -76,6 +79,7 @@ class Telemetry:
         meter_provider: MeterProvider | None,
         shutdown: Callable[[], None] | None = None,
         consumer_spans: ConsumerSpans | None = None,
+        durations: JobDurations | None = None,
     ) -> None:
         self.settings = settings
         # Set when the CONSUMER span skips the SDK (OTLP export, standard sampler): the worker
@@ -93,15 +97,9 @@ class Telemetry:
         self._static = consumer_attributes(settings)
         self.backlog: dict[str, int] = {"pending": 0, "unacked": 0}
         self._names: dict[str, str] = {}  # span name per subject, built once
-        if self.meter is not None:
-            self.duration = self.meter.create_histogram(
-                "messaging.process.duration",
-                unit="s",
-                description="Time to process one job, handler and settlement included.",
-                # Semconv's advice for messaging durations, in seconds (the SDK's default
-                # buckets are meant for milliseconds and would put every job in the first one).
-                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            )
+        # messaging.process.duration, aggregated by the chassis (see job_durations.py); the
+        # worker records into it directly. None when metrics are off.
+        self.durations = durations
 
     # ------------------------------------------------------------------ producer side
 
@@ -199,12 +197,6 @@ class Telemetry:
         span.record_exception(exc)
         span.set_attribute(ATTR_OUTCOME, outcome)
         span.set_status(Status(StatusCode.ERROR, describe(exc, 256)))
-
-    def record_duration(self, seconds: float, outcome: str) -> None:
-        if self.meter is not None:
-            self.duration.record(
-                seconds, {ATTR_SYSTEM: "nats", ATTR_LANE: self.settings.lane, ATTR_OUTCOME: outcome}
-            )
 
     # ------------------------------------------------------------------ metrics
 
@@ -347,19 +339,25 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
         for handler in logging.getLogger().handlers:
             handler.addFilter(TraceContextFilter())
     meter_provider = None
+    durations = None
     if metrics:
         from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 
+        from .job_durations import reader_with
+
+        durations = job_durations(settings)
         readers: list[Any] = []
         if "otlp" in metrics:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+            readers.append(
+                reader_with(durations, PeriodicExportingMetricReader, OTLPMetricExporter())
+            )
         if "prometheus" in metrics:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-            readers.append(PrometheusMetricReader())
+            readers.append(reader_with(durations, PrometheusMetricReader))
         sdk_meter = SdkMeterProvider(
             resource=resource, metric_readers=readers, shutdown_on_exit=False
         )
@@ -377,7 +375,21 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
         for close in closers:
             close()
 
-    return Telemetry(settings, tracer_provider, meter_provider, shutdown, consumer_spans)
+    return Telemetry(settings, tracer_provider, meter_provider, shutdown, consumer_spans, durations)
+
+
+def job_durations(settings: Settings) -> JobDurations:
+    """The chassis's ``messaging.process.duration`` (give it to the readers and to Telemetry)."""
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from .job_durations import JobDurations
+
+    return JobDurations(
+        DURATION_BUCKETS,
+        {ATTR_SYSTEM: "nats", ATTR_LANE: settings.lane},
+        InstrumentationScope(SCOPE, __version__),
+        ATTR_OUTCOME,
+    )
 
 
 def _consumer_spans(settings: Settings, resource: Any) -> ConsumerSpans | None:

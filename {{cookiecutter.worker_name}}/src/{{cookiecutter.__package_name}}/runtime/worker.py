@@ -447,8 +447,8 @@ class Worker:
                 telemetry.fail(span, result[1], result[0])
         finally:
             telemetry.end_consume(span, token)
-        if telemetry.metrics:
-            telemetry.record_duration(loop.time() - started, result[0] if result else "processed")
+        if telemetry.durations is not None:
+            telemetry.durations.record(loop.time() - started, result[0] if result else "processed")
         return result
 
     async def _process_recorded(
@@ -466,8 +466,8 @@ class Worker:
             result = await self._process(msg, slot, loop)
         finally:
             spans.end(span, msg, result)
-        if telemetry.metrics:
-            telemetry.record_duration(loop.time() - started, result[0] if result else "processed")
+        if telemetry.durations is not None:
+            telemetry.durations.record(loop.time() - started, result[0] if result else "processed")
         return result
 
     async def _failed(self, msg: Msg, exc: BaseException) -> str:
