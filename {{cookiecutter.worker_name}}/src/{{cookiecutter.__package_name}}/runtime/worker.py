@@ -117,6 +117,8 @@ class Worker:
             else self._process_recorded
             if telemetry.consumer_spans is not None
             else self._process_traced
+            if telemetry.tracing
+            else self._process_timed
         )
         self.job_model = job_model
         self.handler = handler
@@ -449,6 +451,18 @@ class Worker:
             telemetry.end_consume(span, token)
         if telemetry.durations is not None:
             telemetry.durations.record(loop.time() - started, result[0] if result else "processed")
+        return result
+
+    async def _process_timed(
+        self, msg: Msg, slot: _Slot, loop: asyncio.AbstractEventLoop
+    ) -> Outcome:
+        """The same, timed for ``messaging.process.duration`` (metrics on, tracing off)."""
+        assert self.telemetry is not None
+        durations = self.telemetry.durations
+        started = loop.time()
+        result = await self._process(msg, slot, loop)
+        if durations is not None:
+            durations.record(loop.time() - started, result[0] if result else "processed")
         return result
 
     async def _process_recorded(
