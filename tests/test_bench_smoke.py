@@ -1,7 +1,7 @@
 """The benchmark harness cannot rot: a quick run in CI, asserting completion, not timings.
 
-``python bench/run.py --quick`` measures every worker (generated, generated with tracing, raw
-nats-py, FastStream) on small N, plus latency and a route switch, and writes
+``python bench/run.py --quick`` measures every worker (generated, with metrics, with tracing,
+raw nats-py, FastStream) on small N, plus latency and a route switch, and writes
 ``bench/results/raw/quick.json``. Speed belongs to the full run and the README, never to a test.
 """
 
@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = {
     "generated",
+    "generated+metrics",
     "generated+tracing",
     "generated+tracing+sink",
     "generated+tracing+sink+10%",

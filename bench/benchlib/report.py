@@ -57,6 +57,7 @@ def ratios(summary: dict[str, Any]) -> dict[str, float | None]:
     return {
         "generated / raw-nats-py": r("generated", "raw-nats-py"),
         "generated / faststream": r("generated", "faststream"),
+        "generated+metrics / generated": r("generated+metrics", "generated"),
         "generated+tracing / generated": r("generated+tracing", "generated"),
         "generated+tracing+sink / generated": r("generated+tracing+sink", "generated"),
         "generated+tracing+sink+10% / generated": r("generated+tracing+sink+10%", "generated"),

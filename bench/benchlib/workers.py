@@ -227,6 +227,14 @@ def specs(
             cwd,
         ),
         Spec(
+            "generated+metrics",
+            "generated worker, metrics on (PROMETHEUS_METRICS=true, the /metrics reader; "
+            "HEALTH_PORT=0 so nothing scrapes: the per-job recording cost)",
+            project.cli("run"),
+            lambda url: project.env(url, **rec("generated+metrics"), PROMETHEUS_METRICS="true"),
+            cwd,
+        ),
+        Spec(
             "generated+tracing",
             "generated worker, tracing on (OTLP to a closed port)",
             project.cli("run"),
