@@ -368,3 +368,20 @@ def test_bad_numbers_fall_back_to_the_default_with_a_warning(
     assert env_number({"X": "2.5"}, "X", 10) == 2.5
     assert env_number({}, "X", 10) == 10
     assert caplog.text.count("is not a positive number") == 2
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+def test_an_exception_that_cannot_print_itself_still_ends_the_span() -> None:
+    sender = Collect()
+    spans = ConsumerSpans(Sampling("always_on"), sender, delay=60)
+    msg = js_msg()
+    spans.end(spans.start(msg), msg, ("retried", UnprintableError()))
+    spans.shutdown()
+    [[rec]] = sender.batches
+    assert rec[8] is not None
+    assert rec[8][0] == "retried"
+    assert rec[8][4] == "UnprintableError"  # the status text falls back to the type

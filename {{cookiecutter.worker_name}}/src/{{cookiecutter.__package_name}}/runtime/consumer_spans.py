@@ -243,10 +243,14 @@ class ConsumerSpans:
 
 def _failure(outcome: str, exc: BaseException) -> Failure:
     """What the SDK's ``record_exception`` and the chassis's ERROR status would say."""
-    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     module, name = type(exc).__module__, type(exc).__qualname__
     kind = f"{module}.{name}" if module and module != "builtins" else name
-    return outcome, kind, str(exc), stack, describe(exc, 256)
+    try:  # a handler's exception may fail to print itself; the span must still end
+        message = str(exc)
+        stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:
+        message, stack = "", ""
+    return outcome, kind, message, stack, describe(exc, 256)
 
 
 # ------------------------------------------------------------------------------ encoding

@@ -119,7 +119,10 @@ def describe(exc: BaseException, limit: int = 1024) -> str:
             parts.append(f"and {len(errors) - 3} more")
         text = "; ".join(parts)
     else:
-        text = str(exc)
+        try:
+            text = str(exc)
+        except Exception:  # an exception whose __str__ fails still gets a line: its type
+            text = ""
     # One printable line: the text may quote a hostile payload (a field name), and it ends up in
     # a NATS header and a log line.
     text = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
