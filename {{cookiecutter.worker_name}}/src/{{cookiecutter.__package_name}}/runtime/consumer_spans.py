@@ -432,9 +432,11 @@ class OtlpSender:
         }
         if self.compression in ("gzip", "deflate"):
             self.headers["Content-Encoding"] = self.compression
-        timeout = env_number(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0) or env_number(
-            env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10
-        )
+        # The per-signal variable wins when set (as in _env); a bad value warns under its name.
+        timeout_name = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
+        if not env.get(timeout_name):
+            timeout_name = "OTEL_EXPORTER_OTLP_TIMEOUT"
+        timeout = env_number(env, timeout_name, 10)
         self.connection: http.client.HTTPConnection
         if url.scheme == "https":
             context = ssl.create_default_context(cafile=_env(env, "CERTIFICATE"))

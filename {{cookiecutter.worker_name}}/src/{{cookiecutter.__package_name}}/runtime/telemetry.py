@@ -323,9 +323,7 @@ def setup(settings: Settings, *, dev: bool = False) -> Telemetry | None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             sdk_tracer.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-            consumer_spans = (
-                None if settings.sdk_consumer_spans else _consumer_spans(settings, resource)
-            )
+            consumer_spans = _consumer_spans(settings, resource)
             if consumer_spans is not None:
                 closers.append(consumer_spans.shutdown)
         else:
@@ -393,7 +391,9 @@ def job_durations(settings: Settings) -> JobDurations:
 
 
 def _consumer_spans(settings: Settings, resource: Any) -> ConsumerSpans | None:
-    """The SDK-free CONSUMER span recorder, when the sampler is a standard one."""
+    """The SDK-free CONSUMER span recorder, unless the SDK must record it (see wanted())."""
+    if settings.sdk_consumer_spans:
+        return None
     from . import consumer_spans as fast
 
     sampling = fast.wanted()
