@@ -1,11 +1,14 @@
-"""Benchmark the generated worker against a raw nats-py loop and FastStream. One command:
+"""Benchmark the generated worker against the lean nats-py loop (the floor), nats-py's fetch()
+loop and FastStream. One command:
 
     python bench/run.py            # full: N=50,000, 3 runs, 20 s latency, route switch
-    python bench/run.py --quick    # CI smoke: small N, one run, < 60 s, asserts no timings
+    python bench/run.py --quick    # CI smoke: small N, one run, < 90 s, asserts no timings
+    python bench/run.py --io       # I/O-bound jobs: share of CONCURRENCY / latency (~2-4 min)
 
 Black-box: every worker is a subprocess on its own fresh loopback nats-server; progress is read
 from the stream (acked jobs leave a work-queue stream). Results: bench/results/latest.{md,json,png}
-(``--quick`` writes bench/results/raw/quick.* so it never overwrites the committed results).
+and bench/results/io.{md,json,png} (``--io``); ``--quick`` writes bench/results/raw/quick.* (and
+``--io --quick`` raw/io-quick.*), so a smoke run never overwrites the committed results.
 Exit code 0 when every measurement completed; target misses are reported, never asserted.
 See bench/README.md for the method and what limits each number.
 """
@@ -28,12 +31,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import measure, report, route, workers
+from benchlib import iobound, jobs, measure, report, route, workers
 from benchlib.jobs import PAYLOAD_BYTES
 from benchlib.procs import (
     NatsServer,
     Sidecar,
     free_port,
+    load_average,
     nats_server_version,
     wait_quiet,
 )
@@ -77,6 +81,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="JSON",
         help="only re-render the .md and .png next to an existing results JSON",
     )
+    p.add_argument(
+        "--lean-credit",
+        type=int,
+        default=100,
+        help="the lean loop's pull window (100 = the generated worker's default window)",
+    )
+    p.add_argument(
+        "--busy-load",
+        type=float,
+        default=report.BUSY_FRACTION,
+        help="flag a run BUSY when the 1-min load average at its start exceeds this x cores (0.5)",
+    )
+    p.add_argument(
+        "--io",
+        action="store_true",
+        help="only the I/O-bound sweep: share of CONCURRENCY / handler latency reached\n"
+        "(results: bench/results/io.*; with --quick: a small sweep in raw/io-quick.*)",
+    )
+    p.add_argument("--io-concurrency", default=None, help="I/O sweep: CONCURRENCY values "
+                   "(10,100,1000; --quick: 10,100)")  # fmt: skip
+    p.add_argument("--io-latency-ms", default=None, help="I/O sweep: handler latencies, ms "
+                   "(1,10,100; --quick: 1,10)")  # fmt: skip
+    p.add_argument("--io-seconds", type=float, default=None,
+                   help="I/O sweep: jobs per cell = this x limit (3; --quick: 0.3)")  # fmt: skip
+    p.add_argument("--io-max-jobs", type=int, default=None,
+                   help="I/O sweep: most jobs per cell (15,000; --quick: 1,000)")  # fmt: skip
+    p.add_argument("--io-runs", type=int, default=None, help="I/O sweep: runs per cell (2)")
     p.add_argument("--template", type=Path, default=REPO, help="template checkout (this repo)")
     p.add_argument("--out", type=Path, default=None, help="results directory")
     args = p.parse_args(argv)
@@ -92,9 +123,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.retire_grace = 0.5 if quick else None  # None: the worker's default RETIRE_GRACE
     args.sigterm_cap = 3.0 if quick else 30.0
     if args.quiet_wait is None:
-        args.quiet_wait = 0.0 if quick else 60.0
+        args.quiet_wait = 0.0 if quick else (5.0 if args.io else 60.0)
     args.out = args.out or (BENCH / "results" / "raw" if quick else BENCH / "results")
-    args.stem = "quick" if quick else "latest"
+    args.stem = ("io-quick" if quick else "io") if args.io else ("quick" if quick else "latest")
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(",") if x)
+
+    def floats(text: str) -> tuple[float, ...]:
+        return tuple(float(x) for x in text.split(",") if x)
+
+    if args.io:
+        args.io_plan = iobound.Plan(
+            concurrency=ints(args.io_concurrency or ("10,100" if quick else "10,100,1000")),
+            latency_ms=floats(args.io_latency_ms or ("1,10" if quick else "1,10,100")),
+            seconds=args.io_seconds or (0.3 if quick else 3.0),
+            min_jobs=100 if quick else 200,
+            max_jobs=args.io_max_jobs or (1_000 if quick else 15_000),
+            runs=args.io_runs or (1 if quick else 2),
+        )
+    elif quick:  # the smoke run drains one small I/O-bound cell, so that path cannot rot
+        args.io_plan = iobound.Plan(
+            concurrency=(10,), latency_ms=(10.0,), seconds=0.2, min_jobs=200, max_jobs=200, runs=1
+        )
+    else:  # the full run leaves the I/O sweep to --io
+        args.io_plan = None
     return args
 
 
@@ -134,6 +187,7 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
 
 async def main(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
+    args.session_load = load_average()  # before the harness starts anything
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = BENCH / "results" / "raw" / stamp
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +198,12 @@ async def main(args: argparse.Namespace) -> int:
     # whose handler records handler-start times (latency and route runs only).
     gen = workers.generate(args.template, build / "gen")
     lat = workers.bench_copy(gen, build / "lat")
+    io_project = workers.io_copy(gen, build / "io")
     installed = workers.install(gen, build / "installed-pyproject.toml")
     log(f"bench: generated {gen.root.relative_to(REPO)} ({installed})")
+    fields = workers.job_fields(gen)  # send only the fields the generated Job still declares
+    jobs.use_fields(fields)
+    log(f"bench: job fields {', '.join(fields) if fields else '(unknown: sending all)'}")
     cwd = build / "cwd"  # workers run in an empty directory: no stray .env
     cwd.mkdir(exist_ok=True)
 
@@ -166,31 +224,37 @@ async def main(args: argparse.Namespace) -> int:
 
     sink_port = free_port()  # a do-nothing OTLP collector for the "tracing, collector up" variant
     sink_argv = [sys.executable, str(workers.WORKERS_DIR / "otlp_sink.py"), str(sink_port)]
+    if args.io:
+        return await _run_io(args, ctx, io_project, cwd, t_start)
     with Sidecar(sink_argv, log_dir / "otlp-sink.log"):
-        return await _run(args, ctx, gen, lat, topo, cwd, log_dir, t_start, sink_port)
+        return await _run(args, ctx, gen, lat, io_project, topo, cwd, log_dir, t_start, sink_port)
 
 
-async def _run(
+async def _run_io(
     args: argparse.Namespace,
     ctx: measure.Context,
-    gen: workers.Project,
-    lat: workers.Project,
-    topo: workers.Topology,
+    io_project: workers.Project,
     cwd: Path,
-    log_dir: Path,
     t_start: float,
-    sink_port: int,
 ) -> int:
-    sink = f"http://127.0.0.1:{sink_port}"
-    wanted = {w for w in args.workers.split(",") if w}
-    all_specs = [
-        s
-        for s in workers.specs(gen, lat, topo, cwd, otlp_sink=sink)
-        if not wanted or s.key in wanted
-    ]
+    """``--io``: only the I/O-bound sweep, written to its own results files."""
     errors: list[str] = []
     results: dict[str, Any] = {"meta": meta(args), "errors": errors}
-    results["config"] = {
+    results["config"] = _config(args, ctx.topo)
+    results["load_session_start"] = args.session_load
+    results["io"] = await iobound.sweep(
+        ctx, io_project, cwd, args.io_plan, lambda: _quiet(args), log, errors, args.busy_load
+    )
+    results["meta"]["wall_s"] = time.monotonic() - t_start
+    report.write_io(results, args.out, args.stem)
+    log("")
+    log((args.out / f"{args.stem}.md").read_text())
+    log(f"bench: wrote {args.out / args.stem}.{{md,json,png}} in {results['meta']['wall_s']:.0f} s")
+    return 1 if errors else 0
+
+
+def _config(args: argparse.Namespace, topo: workers.Topology) -> dict[str, Any]:
+    return {
         "n": args.n,
         "runs": args.runs,
         "quick": args.quick,
@@ -201,8 +265,35 @@ async def _run(
         "sigterm_cap_s": args.sigterm_cap,
         "quiet_cores": args.quiet_cores,
         "quiet_wait_s": args.quiet_wait,
+        "busy_fraction": args.busy_load,
+        "lean_credit": args.lean_credit,
         "topology": topo.__dict__,
     }
+
+
+async def _run(
+    args: argparse.Namespace,
+    ctx: measure.Context,
+    gen: workers.Project,
+    lat: workers.Project,
+    io_project: workers.Project,
+    topo: workers.Topology,
+    cwd: Path,
+    log_dir: Path,
+    t_start: float,
+    sink_port: int,
+) -> int:
+    sink = f"http://127.0.0.1:{sink_port}"
+    wanted = {w for w in args.workers.split(",") if w}
+    all_specs = [
+        s
+        for s in workers.specs(gen, lat, topo, cwd, otlp_sink=sink, lean_credit=args.lean_credit)
+        if not wanted or s.key in wanted
+    ]
+    errors: list[str] = []
+    results: dict[str, Any] = {"meta": meta(args), "errors": errors}
+    results["config"] = _config(args, topo)
+    results["load_session_start"] = args.session_load
     wk: dict[str, Any] = {}
     for s in all_specs:
         wk[s.key] = {"label": s.label, "status": "skipped" if s.skip else "ok", "runs": []}
@@ -222,6 +313,7 @@ async def _run(
                 r = {"worker": s.key, "run": run, "error": _err(exc)}
                 errors.append(f"throughput {s.key} run {run}: {_err(exc)}")
             r.update(quiet)
+            r["busy"] = report.is_busy(r, args.busy_load)
             wk[s.key]["runs"].append(r)
             log(_line(r))
     for w in wk.values():
@@ -240,7 +332,9 @@ async def _run(
     else:
         lat_dir = log_dir / "latency"
         lat_dir.mkdir(exist_ok=True)
-        for s in workers.specs(gen, lat, topo, cwd, latency_dir=lat_dir, otlp_sink=sink):
+        for s in workers.specs(
+            gen, lat, topo, cwd, latency_dir=lat_dir, otlp_sink=sink, lean_credit=args.lean_credit
+        ):
             if (wanted and s.key not in wanted) or (
                 args.latency_workers is not None and s.key not in args.latency_workers
             ):
@@ -254,7 +348,8 @@ async def _run(
                     ctx, s, args.rate, args.duration, args.warmup, lat_dir / f"{s.key}.txt"
                 )
                 latency[s.key] = {**summary, **quiet}
-                log(_latency_line(s.key, summary))
+                latency[s.key]["busy"] = report.is_busy(summary, args.busy_load)
+                log(_latency_line(s.key, latency[s.key]))
             except Exception as exc:
                 latency[s.key] = {"error": _err(exc)}
                 errors.append(f"latency {s.key}: {_err(exc)}")
@@ -285,6 +380,12 @@ async def _run(
             errors.append(f"route: {_err(exc)}")
     log(f"  route: {results['route'].get('skipped') or results['route'].get('error') or 'ok'}")
 
+    # ---- the smoke run's single I/O-bound cell (the full sweep is --io).
+    if args.io_plan is not None and (not wanted or "generated" in wanted):
+        results["io"] = await iobound.sweep(
+            ctx, io_project, cwd, args.io_plan, lambda: _quiet(args), log, errors, args.busy_load
+        )
+
     results["targets"] = report.targets(summaries, results["ratios"], latency)
     results["meta"]["wall_s"] = time.monotonic() - t_start
     report.write(results, args.out, args.stem)
@@ -312,11 +413,20 @@ def _err(exc: BaseException) -> str:
 
 
 def _latency_line(key: str, v: dict[str, Any]) -> str:
+    a = v.get("at_ack") or {}
     return (
         f"  latency {key:<22} p50 {v.get('p50_ms', 0):6.2f} ms  p99 {v.get('p99_ms', 0):6.2f} ms"
-        f"  max {v.get('max_ms', 0):6.1f} ms  ({v.get('handled')} jobs at "
-        f"{v.get('offered_rate', 0):,.0f}/s)"
+        f"  max {v.get('max_ms', 0):6.1f} ms  | at ack p50 {a.get('p50_ms', 0):6.2f} ms  "
+        f"p99 {a.get('p99_ms', 0):6.2f} ms  ({v.get('handled')} jobs at "
+        f"{v.get('offered_rate', 0):,.0f}/s){_load_tag(v)}"
     )
+
+
+def _load_tag(r: dict[str, Any]) -> str:
+    load = r.get("load_start") or {}
+    if not load:
+        return ""
+    return f"  load1 {load['load1']:.2f}/{load['cores']}{' BUSY' if r.get('busy') else ''}"
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -332,12 +442,16 @@ def _line(r: dict[str, Any]) -> str:
         )
         + f"cpu {r.get('cpu_us_per_job', 0):5.1f} µs/job  "
         + f"others {r.get('other_cores') or 0:.2f} cores"
+        + _load_tag(r)
     )
 
 
 def render(path: Path) -> int:
     results = json.loads(path.read_text())
-    report.write(results, path.parent, path.stem)
+    if "workers" in results:
+        report.write(results, path.parent, path.stem)
+    else:  # an --io results file
+        report.write_io(results, path.parent, path.stem)
     log(f"bench: re-rendered {path.with_suffix('.md')} and {path.with_suffix('.png')}")
     return 0
 

@@ -1,8 +1,9 @@
 """The benchmark harness cannot rot: a quick run in CI, asserting completion, not timings.
 
 ``python bench/run.py --quick`` measures every worker (generated, with metrics, with tracing,
-raw nats-py, FastStream) on small N, plus latency and a route switch, and writes
-``bench/results/raw/quick.json``. Speed belongs to the full run and the README, never to a test.
+the lean nats-py floor, raw nats-py, FastStream) on small N, plus latency (at handler start and
+at ack), a route switch and one small I/O-bound cell, and writes ``bench/results/raw/quick.json``.
+Speed belongs to the full run and the README, never to a test.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = {
     "generated",
     "generated+metrics",
+    "generated+asyncio",
     "generated+tracing",
     "generated+tracing+sink",
     "generated+tracing+sink+10%",
+    "lean-nats-py",
     "raw-nats-py",
     "faststream",
 }
@@ -49,7 +52,20 @@ def test_quick_benchmark_completes() -> None:
     report = json.loads(result_file.read_text("utf-8"))
     assert report["errors"] == [], output
     assert set(report["workers"]) == WORKERS, report["workers"].keys()
-    assert set(report["ratios"]) >= {"generated / raw-nats-py", "generated / faststream"}
+    assert set(report["ratios"]) >= {
+        "generated / lean-nats-py",
+        "generated / raw-nats-py",
+        "generated / faststream",
+    }
+    assert report["ratios"]["generated / lean-nats-py"] is not None  # the floor ran and acked
+    for key, worker in report["workers"].items():
+        for run in worker["runs"]:  # the machine's load is recorded next to every run
+            assert {"load_start", "load_end"} <= run.keys(), (key, run)
+    at_ack = report["latency"]["generated"]["at_ack"]  # latency at the ack, seen from outside
+    assert at_ack["acked"] > 0, at_ack
+    io_cells = report["io"]["cells"]  # the I/O-bound path (share of CONCURRENCY / latency)
+    assert io_cells, report["io"]
+    assert all(cell["runs_ok"] == 1 and cell["share"] for cell in io_cells), io_cells
     route = report["route"]
     assert route["lost"] == 0, route
     assert route["duplicates"] == 0, route

@@ -3,7 +3,10 @@
 Throughput: provision, pre-publish N jobs, start the worker, watch the stream drain, read peak
 RSS, SIGTERM and time the exit. Latency: the same worker variant that records handler-start times,
 fed at a fixed offered rate; latency = handler start - publisher send time (both wall clock on
-this machine; the send time travels in the job id).
+this machine; the send time travels in the job id), and at the ack = the time the harness saw the
+job's ack (``jobs.AckWatch``) - send time (matched by stream sequence, from the PubAck).
+
+Every run records the load average and core count at its start and end (``procs.load_average``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from . import jobs
-from .procs import Load, NatsServer, Worker, cpu_seconds, proc_status_kb
+from .procs import Load, NatsServer, Worker, cpu_seconds, load_average, proc_status_kb
 from .workers import Project, Spec, Topology
 
 
@@ -40,8 +43,8 @@ class Context:
     profile: frozenset[str] = frozenset()  # worker keys to sample with py-spy while they drain
 
 
-async def _provisioned(ctx: Context, srv: NatsServer) -> None:
-    out = ctx.gen.run_cli(srv.url, "provision")
+async def _provisioned(ctx: Context, srv: NatsServer, **env: str) -> None:
+    out = ctx.gen.run_cli(srv.url, "provision", **env)
     if out.returncode != 0:
         raise MeasureError(f"provision failed ({out.returncode}): {out.stderr.strip()[-500:]}")
 
@@ -61,14 +64,22 @@ def _stop(worker: Worker, result: dict[str, Any], cap: float) -> None:
         worker.kill()
 
 
-async def throughput(ctx: Context, spec: Spec, n: int, run: int) -> dict[str, Any]:
-    tag = f"{spec.key}-run{run}"
-    result: dict[str, Any] = {"worker": spec.key, "run": run, "n": n}
+async def throughput(
+    ctx: Context,
+    spec: Spec,
+    n: int,
+    run: int,
+    tag: str | None = None,
+    provision_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    tag = tag or f"{spec.key}-run{run}"
+    result: dict[str, Any] = {"worker": spec.key, "run": run, "n": n, "load_start": load_average()}
     with NatsServer(ctx.log_dir / f"{tag}.nats.log") as srv:
-        await _provisioned(ctx, srv)
+        await _provisioned(ctx, srv, **(provision_env or {}))
         nc = await jobs.connect(srv.url)
         worker: Worker | None = None
         spy: subprocess.Popen[bytes] | None = None
+        acks = jobs.AckWatch(nc, ctx.topo.stream)  # first ack as an event
         try:
             js = nc.jetstream()
             result["publish_rate"] = round(
@@ -77,6 +88,7 @@ async def throughput(ctx: Context, spec: Spec, n: int, run: int) -> dict[str, An
             stored = await jobs.stream_messages(js, ctx.topo.stream)
             if stored != n:
                 raise MeasureError(f"stream holds {stored} messages after publishing {n}")
+            await acks.start()
             worker = _start(spec, srv, ctx.log_dir / f"{tag}.log")
             pid = worker.pid
             if spec.key in ctx.profile:
@@ -108,10 +120,20 @@ async def throughput(ctx: Context, spec: Spec, n: int, run: int) -> dict[str, An
                     spy.kill()
                     spy.wait(timeout=10)
             with contextlib.suppress(Exception):
+                await acks.stop()
+            with contextlib.suppress(Exception):
                 await nc.close()
+    result["load_end"] = load_average()
     span = drain.done_at - drain.first_ack_at
     acked = drain.left_at_first  # jobs acked between the first ack seen and the empty stream
-    result["start_to_first_ack_s"] = drain.first_ack_at - worker.started_at
+    # start -> first ack: the ack itself, seen on the ack subject (an event); the stream poll
+    # (every 2 ms plus a round trip) only if the ack was somehow not seen
+    first_ack = acks.first_at if acks.first_at is not None else drain.first_ack_at
+    result["first_ack_by"] = "ack event" if acks.first_at is not None else "stream poll"
+    result["start_to_first_ack_s"] = first_ack - worker.started_at
+    result["first_ack_poll_lag_ms"] = (
+        (drain.first_ack_at - acks.first_at) * 1e3 if acks.first_at is not None else None
+    )
     result["drain_s"] = span
     result["jobs_per_s"] = acked / span if span > 0 else None
     result["polls"] = drain.polls
@@ -181,19 +203,24 @@ async def paced_publish(
     seconds: float,
     prefix: str,
     stop: asyncio.Event | None = None,
+    sent_by_seq: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """Publish at a fixed offered rate for ``seconds`` (or until ``stop`` is set, if sooner);
-    each job id carries its send time (wall clock, ns)."""
+    each job id carries its send time (wall clock, ns). ``sent_by_seq``, when given, is filled
+    with stream sequence -> send time (from each PubAck), to match acks to sends."""
     loop = asyncio.get_running_loop()
     total = int(rate * seconds)
     futures = []
+    sent: list[int] = []
     t0 = loop.time()
     hard_stop = t0 + 2 * seconds + 10
     i = 0
     while i < total and loop.time() < hard_stop and not (stop and stop.is_set()):
         due = min(total, int((loop.time() - t0) * rate) + 1)
         while i < due:
-            job_id = f"{prefix}{i:07d}-{time.time_ns()}"
+            sent_ns = time.time_ns()
+            job_id = f"{prefix}{i:07d}-{sent_ns}"
+            sent.append(sent_ns)
             futures.append(
                 await js.publish_async(
                     subject, jobs.payload(job_id), wait_stall=5.0, headers={"Nats-Msg-Id": job_id}
@@ -206,42 +233,73 @@ async def paced_publish(
     elapsed = loop.time() - t0
     acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
     failed = sum(1 for a in acks if isinstance(a, BaseException))
+    if sent_by_seq is not None:
+        for sent_ns, ack in zip(sent, acks, strict=True):
+            if not isinstance(ack, BaseException):
+                sent_by_seq[ack.seq] = sent_ns
     return {"sent": i, "failed": failed, "offered_rate": i / elapsed if elapsed else None}
 
 
 async def latency(
     ctx: Context, spec: Spec, rate: float, seconds: float, warmup: float, out_file: Path
 ) -> tuple[dict[str, Any], list[float]]:
-    """Fixed-rate e2e latency (publish -> handler start). Returns (summary, samples in ms)."""
-    result: dict[str, Any] = {"worker": spec.key, "rate": rate, "seconds": seconds}
+    """Fixed-rate e2e latency, publish -> handler start (recorded by the worker) and publish ->
+    ack (seen by the harness on the ack subject). Returns (summary, handler-start samples in ms);
+    the at-ack summary is ``summary["at_ack"]``."""
+    result: dict[str, Any] = {
+        "worker": spec.key,
+        "rate": rate,
+        "seconds": seconds,
+        "load_start": load_average(),
+    }
     _remove(out_file)
+    sent_by_seq: dict[int, int] = {}
     with NatsServer(ctx.log_dir / f"{spec.key}-latency.nats.log") as srv:
         await _provisioned(ctx, srv)
         nc = await jobs.connect(srv.url)
         worker: Worker | None = None
+        acks = jobs.AckWatch(nc, ctx.topo.stream, keep=True)
         try:
             js = nc.jetstream()
             worker = _start(spec, srv, ctx.log_dir / f"{spec.key}-latency.log")
             result["start_to_ready_s"] = await _wait_ready(js, ctx.topo, worker, 30.0)
+            await acks.start()
             if warmup > 0:  # first-call costs (imports on first use, caches) are not latency
                 await paced_publish(js, ctx.topo.ingress, rate, warmup, "W")
             load = Load(worker.pid, srv.pid)
-            pub = await paced_publish(js, ctx.topo.ingress, rate, seconds, "L")
+            pub = await paced_publish(
+                js, ctx.topo.ingress, rate, seconds, "L", sent_by_seq=sent_by_seq
+            )
             result["other_cores"] = load.other_cores()
             result.update(pub)
             left = await _until_empty(js, ctx.topo.stream, worker.alive, within=60.0)
             if left:
                 raise MeasureError(f"{left} jobs still unacked 60 s after publishing ended")
+            await asyncio.sleep(0.05)  # the last acks' copies are on their way to the harness
+            await acks.stop()
             _stop(worker, result, ctx.sigterm_cap)
         finally:
             if worker is not None:
                 worker.kill()
             with contextlib.suppress(Exception):
+                await acks.stop()
+            with contextlib.suppress(Exception):
                 await nc.close()
+    result["load_end"] = load_average()
     samples = _latencies(out_file, "L")
     result["handled"] = len(samples)
     result["missing"] = result["sent"] - len(samples)
     result.update(summarize_ms(samples))
+    at_ack = [
+        (acks.acked[seq] - sent_ns) / 1e6
+        for seq, sent_ns in sent_by_seq.items()
+        if seq in acks.acked
+    ]
+    result["at_ack"] = {
+        "acked": len(at_ack),
+        "not_seen": len(sent_by_seq) - len(at_ack),
+        **summarize_ms(at_ack),
+    }
     return result, samples
 
 

@@ -115,6 +115,7 @@ async def route_switch(
         nc = await jobs.connect(srv.url)
         old: Worker | None = None
         new: Worker | None = None
+        old_exit: asyncio.Future[float | None] | None = None
         old_exit_ns: int | None = None
         try:
             js = nc.jetstream()
@@ -124,6 +125,9 @@ async def route_switch(
                 project.root.parent,
                 ctx.log_dir / f"route-{topo.lane}.log",
             ).start()
+            # v1 retires by itself, possibly before the harness looks: watch for its exit from
+            # the start (a pidfd in a thread: the exit instant itself, not when it was noticed)
+            old_exit = asyncio.ensure_future(asyncio.to_thread(old.wait_exit, 600.0))
             new = Worker(
                 project.cli("run"),
                 project.env(srv.url, LANE=target, BENCH_LATENCY_OUT=str(files[target]), **grace),
@@ -154,12 +158,12 @@ async def route_switch(
                     await publisher
             await _until_empty(js, topo.stream, lambda: True, within=60.0)
             # The old lane retires by itself (after RETIRE_GRACE); bounded wait for its exit.
-            for _ in range(int(45 / 0.02)):
-                if not old.alive():
-                    break
-                await asyncio.sleep(0.02)
-            if not old.alive():
-                old_exit_ns = time.time_ns()
+            try:
+                exited_at = await asyncio.wait_for(asyncio.shield(old_exit), 45.0)
+            except TimeoutError:
+                exited_at = None
+            if exited_at is not None:
+                old_exit_ns = time.time_ns() - int((time.monotonic() - exited_at) * 1e9)
                 result["old_exit_code"] = old.proc.returncode if old.proc else None
             else:
                 _, result["old_exit_code"] = old.sigterm_and_time(ctx.sigterm_cap)
@@ -168,6 +172,9 @@ async def route_switch(
             for w in (old, new):
                 if w is not None:
                     w.kill()
+            if old_exit is not None:  # the watcher ends with the process
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(old_exit, 15.0)
             with contextlib.suppress(Exception):
                 await nc.close()
     on_old, on_new = _records(files[topo.lane]), _records(files[target])

@@ -7,6 +7,7 @@ worker against a server URL, and may say why it has to be skipped on this checko
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -161,6 +162,34 @@ def bench_copy(project: Project, out: Path) -> Project:
     return copy
 
 
+def io_copy(project: Project, out: Path) -> Project:
+    """A copy of the generated project whose handler.py only awaits ``BENCH_IO_SLEEP_S`` seconds
+    (see workers/io_handler.py): an I/O-bound job that does not depend on the template's job
+    fields. Only the handler differs; the chassis is the one under test."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(project.root, out / project.root.name)
+    copy = Project(out / project.root.name)
+    shutil.copyfile(WORKERS_DIR / "io_handler.py", copy.src / PACKAGE / "handler.py")
+    return copy
+
+
+def job_fields(project: Project) -> list[str] | None:
+    """The fields of the generated project's ``Job`` (the user's ``job.py``, not the chassis),
+    so the harness sends only fields the model accepts; None if it cannot be read."""
+    out = subprocess.run(
+        [PY, "-c", f"import json; from {PACKAGE}.job import Job; print(json.dumps(list("
+         "Job.model_fields)))"],
+        env=clean_env({"PYTHONPATH": str(project.src)}), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    if out.returncode != 0:
+        return None
+    try:
+        return [str(f) for f in json.loads(out.stdout)]
+    except ValueError:
+        return None
+
+
 def read_topology(project: Project, url: str) -> Topology:
     """Provisioned names, as the worker's ``status --json`` reports them (defaults otherwise)."""
     topo = Topology()
@@ -196,9 +225,12 @@ def specs(
     *,
     latency_dir: Path | None = None,
     otlp_sink: str | None = None,
+    lean_credit: int = 100,
 ) -> list[Spec]:
     """The workers under test. ``latency_dir`` selects the recording variants (latency runs):
-    each writes ``<latency_dir>/<key>.txt``; the generated worker then runs the bench copy."""
+    each writes ``<latency_dir>/<key>.txt``; the generated worker then runs the bench copy.
+    ``lean_credit``: the lean loop's pull window; keep it equal to the generated worker's
+    default window (min(CONCURRENCY, FETCH_BATCH) = 100) for a like-for-like floor."""
     project = lat if latency_dir is not None else gen
 
     def rec(key: str) -> dict[str, str]:
@@ -235,6 +267,18 @@ def specs(
             cwd,
         ),
         Spec(
+            "generated+asyncio",
+            "generated worker on plain asyncio: `import uvloop` fails (workers/no_uvloop/ on "
+            "PYTHONPATH), so it takes its own asyncio fallback",
+            project.cli("run"),
+            lambda url: project.env(
+                url,
+                **rec("generated+asyncio"),
+                PYTHONPATH=os.pathsep.join([str(project.src), str(WORKERS_DIR / "no_uvloop")]),
+            ),
+            cwd,
+        ),
+        Spec(
             "generated+tracing",
             "generated worker, tracing on (OTLP to a closed port)",
             project.cli("run"),
@@ -264,6 +308,17 @@ def specs(
             ),
             cwd,
             skip=tracing_skip or (None if otlp_sink else "skipped: no OTLP sink running"),
+        ),
+        Spec(
+            "lean-nats-py",
+            f"lean nats-py (the floor): callback inbox, pull requests kept outstanding (credit "
+            f"{lean_credit}, refilled at half), status messages return credit, one ack per "
+            "message, uvloop",
+            [PY, str(WORKERS_DIR / "lean_worker.py")],
+            lambda url: clean_env(
+                {"NATS_URL": url, **common, "CREDIT": str(lean_credit), **rec("lean-nats-py")}
+            ),
+            cwd,
         ),
         Spec(
             "raw-nats-py",

@@ -1,8 +1,10 @@
-"""The ceiling: a hand-written nats-py pull loop with no framework and no chassis.
+"""The peer a nats-py user would write: a pull loop with nats-py's documented ``fetch()`` API.
 
 ``fetch(batch=FETCH_BATCH)`` on the durable the generated worker provisions, one ``ack()`` per
 message, uvloop when installed (as in ``shared/perf-notes.md``). The "handler" is a no-op: the
-payload is not even parsed, so this is the transport ceiling, not a like-for-like worker.
+payload is not even parsed. Once called "the ceiling", it is not: ``fetch()`` creates a task, a
+``uuid4`` and a ``wait_for`` per message and waits a round trip between batches; the floor is
+``lean_worker.py``.
 
 SIGTERM stops the loop at once (an outstanding fetch is abandoned; nothing fetched is left
 unacked because a batch is always finished first). With ``BENCH_LATENCY_OUT`` set, the handler-start
