@@ -82,6 +82,41 @@ def test_bad_publish_input_exits_65(
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", [["run"], ["status"]])
+def test_a_nats_host_that_does_not_exist_exits_78_at_once(
+    worker_env: WorkerEnv, command: list[str]
+) -> None:
+    """``NATS_URL=nonsense``: DNS says there is no such name, which no wait can change. One line
+    naming NATS_URL and exit 78, well before NATS_CONNECT_TIMEOUT (was: 69 after the timeout)."""
+    try:
+        socket.getaddrinfo("nonsense", 4222)
+    except socket.gaierror as exc:
+        if exc.errno not in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            pytest.skip(f"this machine's resolver cannot say whether 'nonsense' exists: {exc}")
+    else:
+        pytest.skip("'nonsense' resolves on this machine (a DNS search domain with a wildcard?)")
+    started = time.monotonic()
+    env = {"NATS_URL": "nonsense", "NATS_CONNECT_TIMEOUT": 20, "LOG_LEVEL": "INFO"}
+    result = worker_env.run_cli(command, env=env)
+    took = time.monotonic() - started
+    line = one_line_error(result, 78)
+    assert "NATS_URL" in line
+    assert "'nonsense'" in line
+    assert took < 6, f"took {took:.1f}s: a name that does not exist must not wait for the timeout"
+
+
+@pytest.mark.timeout(60)
+def test_rollback_without_an_earlier_lane_exits_75(worker_env: WorkerEnv) -> None:
+    """A refused route change, like a switch to a lane nobody serves (was: exit 1, the code for a
+    bug). Nothing changes."""
+    worker_env.provision()
+    before = worker_env.cli_ok("route", "--json")
+    line = one_line_error(worker_env.cli("route", "--rollback"), 75)
+    assert "nothing to roll back to" in line
+    assert worker_env.cli_ok("route", "--json") == before
+
+
+@pytest.mark.timeout(30)
 def test_publish_before_provision_is_one_line_not_a_traceback(worker_env: WorkerEnv) -> None:
     result = worker_env.cli("publish", '{"id": "early"}')
     line = one_line_error(result, 69)

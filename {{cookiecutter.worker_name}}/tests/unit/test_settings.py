@@ -52,6 +52,16 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.dlq_subject == f"{SUBJECT_ROOT}.dlq.{JOB_TYPE}"
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["localhost:4222", "nats", "nats:4222", "tls://n1:4443,n2:4222", "ws://a:80,wss://b:443"],
+)
+def test_terse_server_urls_stay_valid(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """nats-py takes ``host:port`` and a bare host (port 4222); a compose service name such as
+    ``nats`` is a real host. Whether a name exists is DNS's answer, checked when connecting."""
+    assert load(monkeypatch, NATS_URL=url).nats_url == url.split(",")
+
+
 def test_env_vars_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     s = load(
         monkeypatch,
@@ -83,6 +93,8 @@ def test_env_vars_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"NATS_URL": "nats://:4222"}, ["NATS_URL"]),
         ({"NATS_URL": "nats://host:99999"}, ["NATS_URL"]),
         ({"NATS_URL": " , "}, ["NATS_URL"]),
+        ({"NATS_URL": "ws://a:80,nats://b:4222"}, ["NATS_URL"]),  # nats-py refuses the mix
+        ({"NATS_URL": "wss://a:443,b:4222"}, ["NATS_URL"]),
         ({"SUBJECT_ROOT": "a.b"}, ["SUBJECT_ROOT"]),
         ({"JOB_TYPE": "*"}, ["JOB_TYPE"]),
         ({"STREAM_NAME": "has.dot"}, ["STREAM_NAME"]),

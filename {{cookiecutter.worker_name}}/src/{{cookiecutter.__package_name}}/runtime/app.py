@@ -61,12 +61,19 @@ def health_checks(
 ) -> tuple[
     Callable[[], tuple[bool, dict[str, object]]], Callable[[], tuple[bool, dict[str, object]]]
 ]:
-    """Liveness: the loop answers and the pull loop heard from the server recently.
-    Readiness: connected, bound to the consumer, not draining."""
+    """Liveness: the loop answers, the client can still make progress, and the pull loop heard
+    from the server recently. Readiness: connected, bound to the consumer, not draining."""
 
     def live() -> tuple[bool, dict[str, object]]:
         silent = asyncio.get_running_loop().time() - worker.last_activity_at
-        connected = worker.nc is not None and worker.nc.is_connected
+        nc = worker.nc
+        connected = nc is not None and nc.is_connected
+        # A client closed for good (or refused on every reconnect) never recovers by itself:
+        # that fails liveness, from the moment it is seen until the process exits.
+        closed = nc is not None and nc.is_closed and not worker.stopping.is_set()
+        if worker.lost is not None or closed:
+            lost = str(worker.lost) if worker.lost is not None else "NATS client closed"
+            return False, {"live": False, "lost": lost, "state": worker.state}
         # A broker outage is readiness' business (a restart would not fix it); liveness fails
         # only when connected and the pull loop is silent although it expects deliveries.
         ok = not worker.ready.is_set() or not connected or silent < settings.liveness_stall

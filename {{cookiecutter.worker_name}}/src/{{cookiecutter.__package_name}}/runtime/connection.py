@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client
 from nats.errors import NoServersError
 
-from .errors import ConfigError, NotPermittedError, UnavailableError
+from .errors import ConfigError, NotPermittedError, UnavailableError, WorkerError, describe
 from .names import WORKER_NAME
 from .settings import Settings, redact_url
 
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 # request the server refused only times out on the client, so the CLI looks here to say why.
 denied: list[str] = []
 _denied_level = logging.WARNING
+# getaddrinfo's "this name does not exist" answers; EAI_AGAIN (DNS unreachable) is not one of them.
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 def quiet_denials() -> None:
@@ -81,11 +85,54 @@ def _is_key_error(exc: Exception) -> bool:
     return type(exc).__module__.split(".")[0] == "nkeys" or isinstance(exc, TypeError | ValueError)
 
 
+_REFUSALS = (
+    "authorization violation",  # the server's -ERR
+    "authorization failed",  # nats-py's AuthorizationError
+    "authentication expired",  # 'User/Account Authentication Expired' (JWT expiry)
+    "authentication revoked",  # 'User Authentication Revoked'
+)
+
+
+def _refused(text: str) -> bool:
+    """The server no longer accepts the credentials."""
+    text = text.lower()
+    return any(refusal in text for refusal in _REFUSALS)
+
+
+def lost_error(cause: BaseException | str | None) -> WorkerError:
+    """The error a running worker exits with when nats-py closed its client for good."""
+    text = describe(cause) if isinstance(cause, BaseException) else cause
+    text = text or "closed by the client library"
+    if _refused(text):
+        return NotPermittedError(
+            f"NATS closed the connection for good ({text}): the credentials are no longer "
+            "accepted; check NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_NKEY_SEED or NATS_CREDS"
+        )
+    return UnavailableError(f"NATS closed the connection for good ({text})")
+
+
+async def _unresolvable(settings: Settings) -> list[str]:
+    """Hosts of NATS_URL whose name does not exist at all (not a temporary DNS failure)."""
+    loop = asyncio.get_running_loop()
+    gone = []
+    for url in settings.nats_url:
+        host = urlsplit(url if "://" in url else f"nats://{url}").hostname or ""
+        try:
+            await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if exc.errno in _NO_SUCH_NAME:
+                gone.append(host)
+        except (OSError, UnicodeError):
+            continue
+    return gone
+
+
 async def connect(
     settings: Settings,
     *,
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    on_lost: Callable[[WorkerError], None] | None = None,
 ) -> Client:
     """Connect, retrying for at most ``NATS_CONNECT_TIMEOUT`` seconds, then fail with one line.
 
@@ -93,6 +140,31 @@ async def connect(
     forever" would make an unreachable server hang the start. The first connect therefore tries
     each server a bounded number of times under our own deadline; only once connected does the
     client switch to reconnecting forever (a running worker must survive broker restarts).
+
+    A host name that does not exist (DNS: no such name, e.g. ``NATS_URL=nonsense``) for every
+    server is a configuration error, reported at once (exit 78) instead of after the timeout. A
+    temporary DNS failure (``EAI_AGAIN``) is retried like an unreachable server. A name that
+    exists only once its container starts (compose without ``depends_on``) also fails at once:
+    the supervisor's restart covers that, and the line says which name did not resolve.
+
+    ``on_lost`` is called, once connected, when the client can no longer make progress by
+    itself, with the error to exit with:
+
+    * nats-py closed the client for good. It does so on any ``-ERR`` from the server other than
+      'Stale Connection' and 'Permissions Violation' (``_process_err``): 'Maximum Payload
+      Violation', 'Maximum Subscriptions Exceeded' (the server keeps the connection, nats-py
+      closes it anyway), 'Authorization Violation', 'User Authentication Expired'... and when
+      reconnect attempts run out (never here: they are unlimited). Auth causes give
+      :class:`NotPermittedError` (77), others :class:`UnavailableError` (69).
+    * Every reconnect attempt is refused for the credentials (a user revoked by a config
+      reload, an expired JWT) for ``NATS_CONNECT_TIMEOUT``: nats-py would retry forever, while
+      a restart re-reads credentials that were rotated meanwhile (77).
+
+    Not fatal, and left to nats-py and liveness: 'Permissions Violation' (the connection stays
+    usable; a denied pull request shows as a silent pull loop, which fails ``/livez`` after
+    ``LIVENESS_STALL``), a server that closes a slow consumer (a plain disconnect: nats-py
+    reconnects), and the client-side slow consumer (messages dropped, never a close). The
+    caller ignores ``on_lost`` while it closes the client on purpose.
     """
     opts = connect_options(settings)
     opts["max_reconnect_attempts"] = 1
@@ -101,11 +173,24 @@ async def connect(
     connected: list[Client] = []  # set once connected
 
     tls_errors: list[str] = []
+    refused_since: list[float] = []  # first credentials refusal of the current outage
 
     async def error_cb(exc: Exception) -> None:
         text = str(exc) or type(exc).__name__
         if "authorization" in text.lower() or "permissions" in text.lower():
             last_error.append(text)
+        if connected and on_lost is not None and _refused(text) and not connected[0].is_connected:
+            now = loop.time()
+            if not refused_since:
+                refused_since.append(now)
+            elif now - refused_since[0] >= settings.nats_connect_timeout:
+                on_lost(
+                    NotPermittedError(
+                        f"NATS refused the credentials on every reconnect for "
+                        f"{now - refused_since[0]:.0f}s ({text}): check NATS_USER/NATS_PASSWORD, "
+                        "NATS_TOKEN, NATS_NKEY_SEED or NATS_CREDS"
+                    )
+                )
         if "permissions violation" in text.lower():
             denied.append(text)
             if connected:  # a one-shot command reports it as its error; a worker logs it
@@ -127,9 +212,14 @@ async def connect(
             await on_disconnect()
 
     async def reconnected_cb() -> None:
+        refused_since.clear()
         log.info("reconnected to NATS")
         if on_reconnect is not None:
             await on_reconnect()
+
+    async def closed_cb() -> None:
+        if connected and on_lost is not None:
+            on_lost(lost_error(connected[0].last_error))
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.nats_connect_timeout
@@ -143,6 +233,7 @@ async def connect(
                     error_cb=error_cb,
                     disconnected_cb=disconnected_cb,
                     reconnected_cb=reconnected_cb,
+                    closed_cb=closed_cb,
                 ),
                 timeout=max(remaining, 0.5),
             )
@@ -156,6 +247,12 @@ async def connect(
                 raise NotPermittedError(
                     f"NATS refused the credentials at {servers}: check NATS_USER/NATS_PASSWORD, "
                     "NATS_TOKEN, NATS_NKEY_SEED or NATS_CREDS"
+                ) from None
+            gone = await _unresolvable(settings) if isinstance(exc, NoServersError) else []
+            if gone and len(gone) == len(settings.nats_url):
+                raise ConfigError(
+                    f"NATS_URL: no such host {', '.join(map(repr, gone))} (DNS has no such name): "
+                    "check NATS_URL, e.g. nats://HOST:4222"
                 ) from None
             if loop.time() + delay >= deadline:
                 raise UnavailableError(

@@ -10,10 +10,12 @@ Errors the chassis reports to the operator (one line, a documented exit code)::
 
     WorkerError
     ├── ConfigError       -- bad setting           -> EXIT_CONFIG (78)
-    ├── UnavailableError  -- cannot reach NATS     -> EXIT_UNAVAILABLE (69)
+    ├── UnavailableError  -- cannot reach NATS, or -> EXIT_UNAVAILABLE (69)
+    │                        it closed for good
     ├── ProvisionError    -- stream/consumer clash -> EXIT_PROVISION (73)
-    ├── RouteRefusedError -- no live target lane   -> EXIT_REFUSED (75)
-    ├── NotPermittedError -- account not allowed   -> EXIT_NOPERM (77)
+    ├── RouteRefusedError -- route change refused  -> EXIT_REFUSED (75)
+    ├── NotPermittedError -- account not allowed,  -> EXIT_NOPERM (77)
+    │                        or credentials refused
     └── InputError        -- bad CLI input         -> EXIT_DATAERR (65)
 """
 
@@ -26,10 +28,10 @@ EXIT_OK = 0  # normal stop, drained on a signal, or retired after its lane was r
 EXIT_FAILURE = 1  # unexpected crash (a bug): the traceback is logged
 EXIT_USAGE = 2  # bad command-line usage (argparse)
 EXIT_DATAERR = 65  # bad input given to a CLI command (e.g. a publish payload that is not a job)
-EXIT_UNAVAILABLE = 69  # NATS unreachable after the bounded connect retry
+EXIT_UNAVAILABLE = 69  # NATS unreachable after the bounded connect retry, or closed for good
 EXIT_PROVISION = 73  # stream or consumer exists with settings JetStream cannot change in place
-EXIT_REFUSED = 75  # route refused: the target lane has no live instance (retry, or --force)
-EXIT_NOPERM = 77  # the NATS account may not do what was asked
+EXIT_REFUSED = 75  # route refused: the target lane has no live instance, or no earlier lane
+EXIT_NOPERM = 77  # the NATS account may not do what was asked, or its credentials were refused
 EXIT_CONFIG = 78  # invalid configuration (env var, .env file, missing creds/TLS file)
 EXIT_INTERRUPTED = 130  # a second signal forced a fast stop; unfinished jobs were handed back
 
@@ -78,7 +80,8 @@ class ConfigError(WorkerError):
 
 
 class UnavailableError(WorkerError):
-    """NATS could not be reached within the bounded startup retry."""
+    """NATS could not be reached within the bounded startup retry, or (running) the client was
+    closed for good and the process must be restarted."""
 
     exit_code = EXIT_UNAVAILABLE
 
@@ -90,13 +93,14 @@ class ProvisionError(WorkerError):
 
 
 class RouteRefusedError(WorkerError):
-    """A route switch would send new work to a lane with nobody to do it."""
+    """A route change was refused: the target lane has nobody to do the work, or a rollback has
+    no earlier lane to go back to. Nothing was changed."""
 
     exit_code = EXIT_REFUSED
 
 
 class NotPermittedError(WorkerError):
-    """The NATS account is not allowed to do this."""
+    """The NATS account is not allowed to do this, or its credentials are no longer accepted."""
 
     exit_code = EXIT_NOPERM
 

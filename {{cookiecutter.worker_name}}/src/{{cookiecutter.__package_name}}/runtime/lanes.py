@@ -34,7 +34,7 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
-from .errors import RouteRefusedError, WorkerError
+from .errors import RouteRefusedError
 from .names import WORKER_NAME
 from .publish import publish_many
 from .registry import discover
@@ -266,4 +266,6 @@ async def rollback_target(js: JetStreamContext, settings: Settings) -> str:
     for change in reversed(await history(js, settings)):
         if change.lane == current and change.previous:
             return change.previous
-    raise WorkerError(f"no earlier lane to roll back to (route is {current}): see 'route'")
+    raise RouteRefusedError(
+        f"nothing to roll back to: the route has no earlier lane (it is {current}); see 'route'"
+    )

@@ -167,6 +167,9 @@ class Settings(BaseSettings):
                     f"{redact_url(url)!r} is not a server URL; use nats://HOST:PORT "
                     "(or tls://, ws://, wss://), comma-separated for a cluster"
                 )
+        websocket = {url.split("://", 1)[0] in ("ws", "wss") for url in urls if "://" in url}
+        if len(websocket) > 1 or (True in websocket and any("://" not in url for url in urls)):
+            raise ValueError("mixes websocket (ws://, wss://) and nats:// or tls:// servers")
         return urls
 
     @field_validator("log_level", mode="before")
