@@ -24,12 +24,18 @@ ANSWERS: dict[str, str] = {
     "include_github_actions": json.loads(r'''{{ cookiecutter.include_github_actions | tojson }}'''),
 }
 
+# Patterns are used with fullmatch: a `$` anchor would also accept a trailing newline.
 # kebab-case: lowercase words of letters/digits joined by single hyphens, starting with a letter.
 WORKER_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 # One NATS subject token we are willing to build subjects from: no whitespace, no wildcards, no
 # separators, nothing the server or a shell would treat specially.
 SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 PYTHON_VERSION = re.compile(r"^3\.(1[1-9]|[2-9][0-9])$")
+# An address as packaging metadata accepts it (RFC 5322 dot-atom local part @ a dotted domain);
+# anything else makes `pip install` of the generated project fail later, far from the cause.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EMAIL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+")
 RESERVED_TOKENS = {"jobs", "dlq", "hb", "route"}
 # The package is worker_name with '_' for '-'. It must import as itself: a keyword is a syntax
 # error, and a standard-library module or a dependency's package would shadow it or be shadowed.
@@ -44,7 +50,7 @@ def check(answers: dict[str, str]) -> list[str]:
     errors: list[str] = []
     name = answers["worker_name"]
     package = name.replace("-", "_")
-    if not WORKER_NAME.match(name) or len(name) > 48:
+    if not WORKER_NAME.fullmatch(name) or len(name) > 48:
         errors.append(
             f"worker_name {name!r} is not kebab-case: use lowercase letters, digits and single "
             "hyphens, starting with a letter, at most 48 characters (e.g. order-processor)"
@@ -57,14 +63,14 @@ def check(answers: dict[str, str]) -> list[str]:
         )
     for key in ("subject_root", "job_type"):
         token = answers[key]
-        if not SUBJECT_TOKEN.match(token):
+        if not SUBJECT_TOKEN.fullmatch(token):
             errors.append(
                 f"{key} {token!r} is not a valid NATS subject token: use letters, digits, '-' or "
                 "'_' only (no spaces, '.', '*' or '>')"
             )
     if answers["job_type"] in RESERVED_TOKENS:
         errors.append(f"job_type {answers['job_type']!r} is reserved: pick another name")
-    if not PYTHON_VERSION.match(answers["python_version"]):
+    if not PYTHON_VERSION.fullmatch(answers["python_version"]):
         errors.append(
             f"python_version {answers['python_version']!r} is not supported: use 3.11 or newer, "
             "as MAJOR.MINOR (e.g. 3.11)"
@@ -75,6 +81,12 @@ def check(answers: dict[str, str]) -> list[str]:
     for key in ("description", "author_name", "author_email"):
         if any(ch in answers[key] for ch in "\r\n\x00"):
             errors.append(f"{key} must be a single line of text")
+    email = answers["author_email"]
+    if not EMAIL.fullmatch(email) or len(email) > 254:
+        errors.append(
+            f"author_email {email!r} is not an email address: use one like you@example.com "
+            "(no spaces, no quotes or display name, one '@', a dotted domain)"
+        )
     if not answers["description"].strip():
         errors.append("description is empty: write one sentence about what the worker does")
     return errors

@@ -104,17 +104,27 @@ def run_suite(
     env["PATH"] = os.pathsep.join(
         [str(project.bin), str(Path(sys.executable).parent), env.get("PATH", "")]
     )
+    command = [
+        project.bin / "python", "-m", "pytest", "-p", "no:cacheprovider", "-ra",
+        f"--junitxml={report}", *declared_pytest_plugins(project.baked), *args,
+    ]  # fmt: skip
+    return run_pytest(command, project.baked.path, env, report)
+
+
+def run_pytest(
+    command: Sequence[str | os.PathLike[str]], cwd: Path, env: dict[str, str], report: Path
+) -> SuiteResult:
+    """Run a pytest ``command`` (which writes its JUnit XML to ``report``) and read the report."""
     result = subprocess.run(
-        [project.bin / "python", "-m", "pytest", "-p", "no:cacheprovider", "-ra",
-         f"--junitxml={report}", *declared_pytest_plugins(project.baked), *args],
-        cwd=project.baked.path,
+        [os.fspath(part) for part in command],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=SUITE_TIMEOUT,
         stdin=subprocess.DEVNULL,
         check=False,
-    )  # fmt: skip
+    )
     output = result.stdout + result.stderr
     if not report.exists():  # pytest did not get as far as writing a report
         return SuiteResult(result.returncode, output, 0, 0, 0, 0, set())

@@ -61,6 +61,26 @@ BAD_ANSWERS = [
     ("description", "two\nlines"),
     ("author_name", "Your\rName"),
     ("author_email", "you@example.com\n"),
+    # pip install of the generated project would fail on these (its metadata needs an address)
+    ("author_email", "not-an-email"),
+    ("author_email", ""),
+    ("author_email", "you@"),
+    ("author_email", "@example.com"),
+    ("author_email", "you@localhost"),
+    ("author_email", "Your Name <you@example.com>"),
+    ("author_email", "you @example.com"),
+    ("author_email", 'x"@example.com'),
+    ("author_email", "a..b@example.com"),
+    ("author_email", "you@example..com"),
+    ("author_email", "you@-example.com"),
+    ("author_email", "a@b@example.com"),
+]
+# Checked on the rendered hook only: `$` would let a trailing newline through a pattern.
+BAD_UNIT_ONLY = [
+    ("worker_name", "order\n"),
+    ("python_version", "3.11\n"),
+    ("subject_root", "orders\n"),
+    ("author_email", "x" * 64 + "@" + ".".join(["a" * 60] * 4) + ".com"),  # longer than 254
 ]
 GOOD_VALUES = [
     ("worker_name", "a"),
@@ -76,6 +96,9 @@ GOOD_VALUES = [
     ("python_version", "3.12"),
     ("python_version", "3.20"),
     ("description", "Handles 'quoted' \"things\" and C:\\paths\\ safely; <b>&</b>"),
+    ("author_email", "you@example.com"),
+    ("author_email", "o'brien+ci@sub.example.co.uk"),
+    ("author_email", "First.Last@mail-01.example.io"),
 ]
 # Text that would run if an answer were pasted into code instead of being read as data.
 PAYLOAD = "import os; os.system('touch \"$PWNED_MARKER\"')"
@@ -145,6 +168,7 @@ def test_worker_name_with_a_path_separator_writes_no_file(tmp_path: Path, bake: 
         ("subject_root", "orders.>"),
         ("job_type", "*"),
         ("python_version", "3.9"),
+        ("author_email", "not-an-email"),
     ],
 )
 def test_cli_prints_one_error_line_naming_the_answer(
@@ -194,7 +218,7 @@ def test_code_in_worker_name_is_rejected_not_run(
         *itertools.product(["description"], INJECTIONS),
         ("author_name", INJECTIONS[0]),
         ("author_name", "O\"Brien \\ Co '''"),
-        ("author_email", 'x"@example.com'),
+        ("author_email", "o'brien+ci@example.com"),
         ("description", "Moves C:\\queue\\new files\\"),
     ],
 )
@@ -263,7 +287,9 @@ def test_default_answers_pass(pre_gen: ModuleType) -> None:
     assert pre_gen.check(pre_gen.ANSWERS) == []
 
 
-@pytest.mark.parametrize(("key", "value"), BAD_ANSWERS, ids=_ids(BAD_ANSWERS))
+@pytest.mark.parametrize(
+    ("key", "value"), BAD_ANSWERS + BAD_UNIT_ONLY, ids=_ids(BAD_ANSWERS + BAD_UNIT_ONLY)
+)
 def test_check_names_the_bad_answer_first(pre_gen: ModuleType, key: str, value: str) -> None:
     errors = pre_gen.check({**pre_gen.ANSWERS, key: value})
     assert errors, f"{key}={value!r} was accepted"

@@ -246,3 +246,78 @@ def test_the_documented_manual_merge_without_cruft_works(
     git(project, "apply", "-3", "-p3", str(patch))
 
     assert_updated(project)
+
+
+TEMPLATE_PYPROJECT = Path("{{cookiecutter.worker_name}}", "pyproject.toml")
+TEMPLATE_LINE = '    "pydantic>=2.7,<3",\n'
+
+
+def check_update(project: Path) -> subprocess.CompletedProcess[str]:
+    """The generated project's own conflict check, as its README tells the user to run it."""
+    return subprocess.run(
+        [sys.executable, "scripts/check-update"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(600)
+def test_a_conflicting_update_is_detected_and_reported(
+    template: Template, tmp_path: Path, cookiecutter_config: Path
+) -> None:
+    """pyproject.toml is co-owned: the user's change and the template's to the same line
+    conflict. cruft may still say it succeeded; scripts/check-update must not."""
+    # Template C: B plus a change to the generated pyproject.toml's dependencies.
+    pyproject = template.repo / TEMPLATE_PYPROJECT
+    text = pyproject.read_text(encoding="utf-8")
+    assert TEMPLATE_LINE in text, "the generated pyproject.toml changed shape: update this test"
+    pyproject.write_text(text.replace(TEMPLATE_LINE, '    "pydantic>=2.8,<3",\n'), "utf-8")
+    git(template.repo, "commit", "-q", "-am", "template C: a dependency range moves")
+    commit_c = git(template.repo, "rev-parse", "HEAD").strip()
+
+    env = {"COOKIECUTTER_CONFIG": str(cookiecutter_config)}
+    context = json.dumps({"worker_name": WORKER})
+    run(
+        [tool("cruft"), "create", template.repo, "--no-input", "--checkout", template.commit_a,
+         "--output-dir", tmp_path, "--extra-context", context],
+        tmp_path,
+        env,
+    )  # fmt: skip
+    project = tmp_path / WORKER
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "generated from template A")
+    clean = check_update(project)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+
+    # The user moves the same line their own way.
+    ours = project / "pyproject.toml"
+    ours.write_text(
+        ours.read_text("utf-8").replace(TEMPLATE_LINE, '    "pydantic>=2.9,<3",\n'), "utf-8"
+    )
+    git(project, "commit", "-q", "-am", "user: a newer pydantic")
+
+    update = subprocess.run(
+        [tool("cruft"), "update", "-y", "--checkout", commit_c],
+        cwd=project,
+        env={**os.environ, **GIT_IDENTITY, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    leftovers = [p for p in project.rglob("*") if p.suffix == ".rej"]
+    marked = "<<<<<<< " in ours.read_text("utf-8")
+    assert leftovers or marked, (
+        "the update merged cleanly, so this test no longer makes a conflict\n"
+        f"{update.stdout}{update.stderr}"
+    )
+
+    result = check_update(project)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("pyproject.toml") for line in lines), result.stdout
+    assert lines[-1].startswith("check-update: 1 file(s)"), result.stdout
