@@ -31,6 +31,7 @@ from nats.js.api import RawStreamMsg
 from worker_testkit import WorkerEnv, WorkerProcess, wait_until
 
 from {{ cookiecutter.__package_name }}.job import Job
+from {{ cookiecutter.__package_name }}.runtime import dlq
 from {{ cookiecutter.__package_name }}.runtime.context import JobContext
 from {{ cookiecutter.__package_name }}.runtime.names import WORKER_NAME
 from {{ cookiecutter.__package_name }}.runtime.worker import Worker
@@ -262,8 +263,16 @@ def test_a_replayed_dead_letter_that_fails_again_gets_a_new_entry(worker_env: Wo
     h2 = headers_of(second)
     assert h2["Dlq-Reason"] == "exhausted", h2
     assert "demo failure" in h2["Dlq-Error"], h2
-    assert h2["Dlq-Replayed-From"] == str(first.seq)
-    assert h2.get("Job-Id") == "again-1"
+
+    # The replay's bookkeeping is part of the new entry's original headers (Dlq-Original-Headers).
+    async def decoded(js: JetStreamContext) -> list[dlq.DeadLetter]:
+        return [e async for e in dlq.iter_dead_letters(js, worker_env.settings())]
+
+    [entry] = worker_env.js(decoded)
+    original = dict(entry.original_header_pairs())
+    assert original["Dlq-Replayed-From"] == str(first.seq)
+    assert original.get("Job-Id") == "again-1"
+    assert original["Nats-Msg-Id"] == f"again-1:replay:{first.seq}"
     assert [e.seq for e in entries()] == [second.seq]  # the replayed entry left the DLQ
     listed = json.loads(worker_env.cli_ok("dlq", "list", "--json"))
     assert [(e["dlq_seq"], e["reason"]) for e in listed] == [(second.seq, "exhausted")]

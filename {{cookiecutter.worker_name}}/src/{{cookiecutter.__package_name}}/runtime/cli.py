@@ -47,11 +47,15 @@ EXIT_CODES_HELP = """exit codes:
   1   unexpected error (a bug; the traceback is logged)
   2   bad command-line usage
   65  bad input (e.g. a payload that is not a valid job)
-  69  NATS unreachable after the bounded connect retry
+  69  NATS unreachable after the bounded connect retry, or (running) the
+      connection was closed for good: the supervisor should restart the worker
   73  stream/consumer exists with settings JetStream cannot change in place
-  75  route refused: no live instance of the target lane (start it, or --force)
-  77  the NATS account is not permitted to do this
-  78  invalid configuration (env var, .env, missing creds/TLS file)
+  75  route refused: no live instance of the target lane (start it, or --force),
+      or --rollback has no earlier lane
+  77  the NATS account is not permitted to do this, or (running) the server
+      stopped accepting its credentials
+  78  invalid configuration (env var, .env, missing creds/TLS file, a NATS_URL
+      host that does not exist)
   130 a second signal cut the drain short; running jobs were handed back
 """
 
@@ -367,17 +371,32 @@ def _print_route(current: str | None, changes: Sequence[Any], as_json: bool) -> 
 def cmd_dlq(args: argparse.Namespace) -> int:
     settings = load_settings()
     _setup_logging(settings)
+    import io
+
+    if isinstance(sys.stdout, io.TextIOWrapper):  # dead letters hold any text: never crash on it
+        sys.stdout.reconfigure(errors="backslashreplace")
 
     async def body(nc: Client) -> int:
         from . import dlq
 
         js = nc.jetstream()
+        await _require_dlq_stream(js, settings)
         if args.dlq_command == "list":
             entries = [e async for e in dlq.iter_dead_letters(js, settings, args.limit)]
             if args.json:
-                print(json.dumps([e.summary for e in entries], indent=2))
+                print(json.dumps([e.as_json() for e in entries], indent=2, ensure_ascii=False))
             else:
                 _print_dlq(entries)
+        elif args.dlq_command == "show":
+            if args.seq < 1:
+                raise InputError(f"no DLQ entry with seq {args.seq}: see 'dlq list'")
+            entry = await dlq.get_dead_letter(js, settings, args.seq)
+            if args.raw:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(entry.data)
+                sys.stdout.buffer.flush()
+            else:
+                _show_dlq_entry(entry)
         elif args.dlq_command == "replay":
             wanted = set(args.seq or [])
             if not wanted and not args.all:
@@ -389,9 +408,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             if missing:
                 raise InputError(f"no DLQ entry with seq {sorted(missing)}: see 'dlq list'")
             telemetry = setup_if_wanted(settings, traces_only=True)
-            count = await dlq.replay(js, settings, entries, telemetry)
-            if telemetry is not None:
-                telemetry.shutdown()
+            try:
+                count = await dlq.replay(js, settings, entries, telemetry)
+            finally:
+                if telemetry is not None:
+                    telemetry.shutdown()
             print(f"replayed {count} job(s) to {settings.ingress_subject}")
         elif args.dlq_command == "purge":
             if not args.yes:
@@ -402,18 +423,79 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return _with_nats(settings, body)
 
 
+async def _require_dlq_stream(js: Any, settings: Settings) -> None:
+    """A missing DLQ stream is a setup problem (exit 78), not an unreachable server."""
+    from nats.js.errors import NotFoundError
+
+    from .errors import ConfigError
+
+    try:
+        await js.stream_info(settings.dlq_stream_name)
+    except NotFoundError:
+        raise ConfigError(
+            f"the DLQ stream {settings.dlq_stream_name} does not exist: run 'provision' "
+            "(or start the worker) first, and check DLQ_STREAM_NAME"
+        ) from None
+
+
 def _print_dlq(entries: Sequence[Any]) -> None:
+    from .dlq import show
+
     if not entries:
         print("DLQ is empty")
         return
-    print(f"{'SEQ':>6}  {'REASON':<9}  {'TRIES':>5}  {'MSG ID':<24}  ERROR")
+    print(f"{'SEQ':>6}  {'REASON':<14}  {'TRIES':>5}  {'SIZE':>8}  {'MSG ID':<24}  ERROR")
     for e in entries:
         s = e.summary
         error = f"{s['error_type']}: {s['error']}"
+        if s["problem"]:
+            error = f"[{s['problem']}] {error}"
         print(
-            f"{s['dlq_seq']:>6}  {s['reason'] or '?':<9}  {s['deliveries']:>5}  "
-            f"{str(s['msg_id'] or '-')[:24]:<24}  {error[:100]}"
+            f"{s['dlq_seq']:>6}  {s['reason'] or '?':<14}  {s['deliveries']:>5}  "
+            f"{s['size']:>8}  {show(str(s['msg_id'] or '-'))[:24]:<24}  {show(error)[:100]}"
         )
+
+
+def _show_dlq_entry(entry: Any) -> None:
+    """Everything about one entry, readable whatever bytes it holds (``dlq show``)."""
+    from .dlq import show
+
+    s = entry.summary
+    print(f"DLQ entry {entry.seq} ({entry.form} format", end="")
+    print(f", {len(entry.parts)} part(s))" if entry.parts else ")")
+    if entry.problem:
+        print(f"PROBLEM: {show(entry.problem)}")
+    for label, key in (
+        ("reason", "reason"),
+        ("deliveries", "deliveries"),
+        ("error type", "error_type"),
+        ("error", "error"),
+        ("subject", "subject"),
+        ("stream seq", "stream_seq"),
+        ("msg id", "msg_id"),
+        ("worker", "worker_version"),
+        ("lane", "lane"),
+        ("time", "time"),
+    ):
+        print(f"{label + ':':<12}{show(str(s[key] if s[key] is not None else '-'))}")
+    pairs = entry.original_header_pairs()
+    print(f"\noriginal headers ({len(pairs)}):")
+    for name, value in pairs:
+        print(f"  {name}: {value}")
+    print(f"\npayload ({len(entry.data)} bytes", end="")
+    try:
+        parsed = json.loads(entry.data)
+    except (ValueError, RecursionError):
+        print(", not JSON; exact bytes: --raw):")
+        text = entry.data.decode("utf-8", "backslashreplace")
+        print("\n".join(show(line) for line in text.split("\n")))
+        return
+    print(", JSON):")
+    try:
+        pretty = json.dumps(parsed, indent=2, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        pretty = entry.data.decode()
+    print("\n".join(show(line) for line in pretty.split("\n")))
 
 
 # --------------------------------------------------------------------------------- permissions
@@ -578,7 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     d = dsub.add_parser("list", help="show dead letters, oldest first")
     d.add_argument("--limit", type=int, default=None)
-    d.add_argument("--json", action="store_true")
+    d.add_argument(
+        "--json", action="store_true", help="with a payload preview and the original headers"
+    )
+    d = dsub.add_parser("show", help="one dead letter in full: reason, original headers, payload")
+    d.add_argument("--seq", type=int, required=True, help="DLQ sequence (see 'dlq list')")
+    d.add_argument("--raw", action="store_true", help="write the exact payload bytes to stdout")
     d = dsub.add_parser("replay", help="republish dead letters to the ingress subject")
     d.add_argument("--seq", type=int, action="append", help="DLQ sequence (repeatable)")
     d.add_argument("--all", action="store_true", help="replay every entry")

@@ -46,6 +46,7 @@ from .errors import (
     HandlerTimeoutError,
     Reject,
     Retry,
+    WorkerError,
     describe,
 )
 from .provision import provision
@@ -144,6 +145,9 @@ class Worker:
         self._log_jobs = log.isEnabledFor(logging.DEBUG)  # decided once, not per message
         self.last_activity_at = 0.0  # loop time of the last delivery or heartbeat (liveness)
         self.retiring = False  # set by the lane watcher once this lane is routed away from
+        self.lost: WorkerError | None = None  # the client cannot make progress: connection_lost
+        self._closing = False  # closing the client on purpose: its closed callback is expected
+        self._down_since = 0.0  # loop time of the disconnect the client has not recovered from
         # Extension points for the registry, the lane watcher and health (see app.py):
         self.started_hooks: list[Hook] = []  # after connect+bind, before the first pull
         self.closing_hooks: list[Hook] = []  # after the drain, before the connection closes
@@ -190,7 +194,12 @@ class Worker:
                 loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
         try:
             connecting = asyncio.ensure_future(
-                connect(self.settings, on_reconnect=self._on_reconnect)
+                connect(
+                    self.settings,
+                    on_disconnect=self._on_disconnect,
+                    on_reconnect=self._on_reconnect,
+                    on_lost=self.connection_lost,
+                )
             )
             stopped = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,17 +229,25 @@ class Worker:
                 await hook()
             if not self.stopping.is_set():
                 await self._consume(psub)
+        except Exception as exc:
+            if self.lost is None:
+                raise
+            log.debug("cut short by the lost connection: %s", describe(exc), exc_info=exc)
         finally:
             for closing in reversed(self.closing_hooks):
                 try:
                     await closing()
                 except Exception as exc:  # a failed final heartbeat must not hide the exit
-                    log.warning("shutdown step failed: %s", describe(exc))
+                    level = logging.DEBUG if self.lost is not None else logging.WARNING
+                    log.log(level, "shutdown step failed: %s", describe(exc))
             if self.install_signal_handlers:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+            self._closing = True
             if self.nc is not None and not self.nc.is_closed:
                 try:
+                    if self.lost is not None:  # nothing to drain into: stop reconnecting
+                        raise ConnectionError(str(self.lost))
                     await asyncio.wait_for(self.nc.drain(), timeout=5.0)
                 except Exception:  # a dead broker must not turn a clean stop into a crash
                     try:
@@ -240,10 +257,64 @@ class Worker:
         log.info("stopped (%s) %s", self.stop_reason or "done", _fmt(self.counters.as_dict()))
         return self.exit_code
 
+    def connection_lost(self, error: WorkerError) -> None:
+        """The client can no longer make progress: stop, and exit with ``error.exit_code``.
+
+        Called by ``connection.connect`` when nats-py closed the client for good (a fatal
+        ``-ERR`` such as 'Maximum Payload Violation' or 'Maximum Subscriptions Exceeded', an
+        'Authorization Violation') or refused the credentials on every reconnect for
+        ``NATS_CONNECT_TIMEOUT``; and by the beat and the puller if they find the client closed.
+
+        Why exit instead of reconnecting with a fresh client: every delivered job is bound to the
+        old client (its acks, naks and ``in_progress`` go through it), the subscriptions, the
+        registry entry and the lane watcher would all have to be rebuilt, and a refusal of the
+        credentials needs them re-read from the environment anyway. A restart does all of that,
+        is what Docker and Kubernetes do with a failed process, and a crash loop of exit 77 is
+        visible where a worker that retries in place is not. So: one error line naming the
+        cause, ``/livez`` fails from now on, and the process exits with 69 (77 when the
+        credentials were refused); jobs it held are redelivered after ``ACK_WAIT``.
+
+        Running handlers: their outcome can no longer be acknowledged, but cutting one mid-way
+        gains nothing until another worker may receive its job, and a handler that finishes its
+        side effects leaves cleaner state than one cancelled between two of them. So they may
+        finish, within ``DRAIN_TIMEOUT`` and never past the moment JetStream may redeliver their
+        job (``ACK_WAIT`` after the last ``in_progress`` that reached the server): at that point
+        the handler is cancelled, as it would be on a drain timeout. With nothing running the
+        exit is immediate. Unstarted deliveries cannot be handed back; they are redelivered too.
+        """
+        if self.lost is not None or self._closing:
+            return
+        self.lost = error
+        self.exit_code = error.exit_code
+        running = self._busy
+        log.error(
+            "%s: exiting with %d so that the supervisor starts a fresh worker%s; JetStream "
+            "redelivers unacknowledged jobs after ACK_WAIT",
+            error,
+            error.exit_code,
+            f" ({running} running job(s) may finish first, unacknowledged)" if running else "",
+        )
+        self.stop_reason = "connection lost"
+        self._credit = 0  # whatever was asked for will not come
+        self.ready.clear()
+        self.stopping.set()
+        self._room.set()
+
+    def _client_closed(self, nc: Client) -> None:
+        """The client is closed and nobody asked for it (a callback we missed)."""
+        from .connection import lost_error
+
+        self.connection_lost(lost_error(nc.last_error))
+
+    async def _on_disconnect(self) -> None:
+        if not self._down_since:
+            self._down_since = asyncio.get_running_loop().time()
+
     async def _on_reconnect(self) -> None:
         # Pull requests parked on the old connection may be gone with it (nats.py #504):
         # reclaim their credit and ask again at once instead of waiting for heartbeats to lapse.
         # The outage was readiness' business: liveness counts silence from the reconnect.
+        self._down_since = 0.0
         self.last_activity_at = asyncio.get_running_loop().time()
         self._reset_credit("reconnected")
         for hook in self.reconnect_hooks:
@@ -317,6 +388,9 @@ class Worker:
             try:
                 await nc.publish(subject, request.encode(), reply=reply)
             except Exception as exc:  # closed or stalled connection: wait for the reconnect
+                if nc.is_closed:  # for good: nothing to wait for
+                    self._client_closed(nc)
+                    return
                 log.warning("pull request failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -550,10 +624,14 @@ class Worker:
         seen = self._activity
         quiet_since = loop.time()
         concurrency = self.settings.concurrency
+        nc = self.nc
+        assert nc is not None
         while True:
             before = loop.time()
             await asyncio.sleep(tick)
             now = loop.time()
+            if nc.is_closed and not self.stopping.is_set():
+                self._client_closed(nc)
             if stall_warning and now - before - tick > stall_warning:
                 log.warning(
                     "event loop was blocked for %.1fs: a handler is doing blocking work; "
@@ -586,6 +664,9 @@ class Worker:
     # ----------------------------------------------------------------------------- stopping
 
     async def _nak_all(self, msgs: list[Msg]) -> None:
+        if self.lost is not None:  # no connection to hand them back through
+            log.info("%d job(s) left to JetStream's redelivery after ACK_WAIT", len(msgs))
+            return
         for msg in msgs:
             try:
                 await msg.nak()
@@ -625,6 +706,13 @@ class Worker:
         """Let running jobs finish within DRAIN_TIMEOUT; then hand the rest back."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
+        if self.lost is not None:
+            # Not past the moment JetStream may redeliver a running job to another worker: the
+            # last in_progress that reached the server was sent at most one progress interval
+            # before the connection went down (see connection_lost).
+            down = self._down_since or loop.time()
+            lease = self.settings.ack_wait - max(0.5, self.settings.ack_wait / 3)
+            deadline = min(deadline, down + lease)
         pending: set[asyncio.Future[Any]] = {
             s.task for s in self._slots if s.task is not None and not s.task.done()
         }
@@ -641,16 +729,22 @@ class Worker:
         leftovers = [s.msg for s in self._slots if s.msg is not None]
         if not leftovers:
             return
-        log.warning(
-            "drain %s: handing back %d running job(s)",
-            "cut short" if self._forced.is_set() else "timed out",
-            len(leftovers),
-        )
+        if self.lost is not None:
+            log.warning(
+                "cancelling %d running job(s): JetStream may now redeliver them elsewhere",
+                len(leftovers),
+            )
+        else:
+            log.warning(
+                "drain %s: handing back %d running job(s)",
+                "cut short" if self._forced.is_set() else "timed out",
+                len(leftovers),
+            )
         for slot in self._slots:
             if slot.task is not None and slot.msg is not None:
                 slot.task.cancel()
         await self._nak_all([m for m in leftovers if m is not None])
-        if self._forced.is_set():
+        if self._forced.is_set() and self.lost is None:
             self.exit_code = EXIT_INTERRUPTED
 
 
