@@ -5,7 +5,7 @@ The scenario, with real tools and real git repositories in a temporary directory
 1. the template (this repository's working tree) is committed to a scratch git repo: commit A;
 2. ``cruft create`` generates a project from A; the project is committed to its own git repo;
 3. the user edits ``handler.py`` (their business logic) and commits;
-4. the template changes a chassis file (``runtime/worker.py``): commit B;
+4. the template changes a chassis file (``runtime/consume.worker.py``): commit B;
 5. ``cruft update -y`` in the project;
 6. the chassis change arrived, the user's edit is intact, ``.cruft.json`` points at B, and the
    project's unit tests still pass (installed editable into a throwaway venv layered on this one).

@@ -27,12 +27,12 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, RawStreamMsg, StreamInfo
 
-from {{ cookiecutter.__package_name }}.runtime import embedded
-from {{ cookiecutter.__package_name }}.runtime.embedded import (
+from {{ cookiecutter.__package_name }}.runtime.operate import embedded
+from {{ cookiecutter.__package_name }}.runtime.operate.embedded import (
     find_binary,
     stop_process,
 )
-from {{ cookiecutter.__package_name }}.runtime.embedded import (
+from {{ cookiecutter.__package_name }}.runtime.operate.embedded import (
     free_port as free_port,  # re-exported: the tests' one free-port helper is the chassis's
 )
 from {{ cookiecutter.__package_name }}.runtime.names import (

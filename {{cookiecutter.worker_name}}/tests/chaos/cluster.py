@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import nats
 from nats.aio.client import Client
 
-from {{ cookiecutter.__package_name }}.runtime.embedded import find_binary
+from {{ cookiecutter.__package_name }}.runtime.operate.embedded import find_binary
 
 T = TypeVar("T")
 CLUSTER_NAME = "chaos"

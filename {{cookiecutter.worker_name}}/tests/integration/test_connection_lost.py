@@ -42,7 +42,7 @@ from worker_testkit import (
     wait_until,
 )
 
-from {{ cookiecutter.__package_name }}.runtime.embedded import find_binary, stop_process
+from {{ cookiecutter.__package_name }}.runtime.operate.embedded import find_binary, stop_process
 
 pytestmark = pytest.mark.integration
 

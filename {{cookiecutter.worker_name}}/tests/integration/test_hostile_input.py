@@ -31,10 +31,10 @@ from nats.js.api import RawStreamMsg
 from worker_testkit import WorkerEnv, WorkerProcess, wait_until
 
 from {{ cookiecutter.__package_name }}.job import Job
-from {{ cookiecutter.__package_name }}.runtime import dlq
-from {{ cookiecutter.__package_name }}.runtime.context import JobContext
+from {{ cookiecutter.__package_name }}.runtime.consume import dlq
+from {{ cookiecutter.__package_name }}.runtime.consume.context import JobContext
 from {{ cookiecutter.__package_name }}.runtime.names import WORKER_NAME
-from {{ cookiecutter.__package_name }}.runtime.worker import Worker
+from {{ cookiecutter.__package_name }}.runtime.consume.worker import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -43,18 +43,19 @@ from worker_testkit import NatsServer, WorkerEnv, WorkerProcess, free_port, wait
 import {{ cookiecutter.__package_name }} as package
 from {{ cookiecutter.__package_name }}.handler import handle
 from {{ cookiecutter.__package_name }}.job import Job
-from {{ cookiecutter.__package_name }}.runtime import JobContext, app, dlq
-from {{ cookiecutter.__package_name }}.runtime.job_durations import reader_with
-from {{ cookiecutter.__package_name }}.runtime.logs import JsonFormatter
+from {{ cookiecutter.__package_name }}.runtime import JobContext, app
+from {{ cookiecutter.__package_name }}.runtime.consume import dlq
+from {{ cookiecutter.__package_name }}.runtime.observe.job_durations import reader_with
+from {{ cookiecutter.__package_name }}.runtime.observe.logs import JsonFormatter
 from {{ cookiecutter.__package_name }}.runtime.publish import Producer
 from {{ cookiecutter.__package_name }}.runtime.settings import Settings
-from {{ cookiecutter.__package_name }}.runtime.telemetry import (
+from {{ cookiecutter.__package_name }}.runtime.observe.telemetry import (
     DURATION_BUCKETS,
     Telemetry,
     TraceContextFilter,
     job_durations,
 )
-from {{ cookiecutter.__package_name }}.runtime.worker import Handler, Worker
+from {{ cookiecutter.__package_name }}.runtime.consume.worker import Handler, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -549,10 +550,10 @@ def test_a_worker_without_otel_config_never_imports_the_sdk(worker_env: WorkerEn
     off_modules = imported_modules(off.non_json_lines())
     on_modules = imported_modules(on.non_json_lines())
     assert "nats" in off_modules
-    assert f"{PACKAGE}.runtime.worker" in off_modules
+    assert f"{PACKAGE}.runtime.consume.worker" in off_modules
     loaded = sorted(m for m in off_modules if m.startswith("opentelemetry"))
     assert not loaded, loaded
-    assert f"{PACKAGE}.runtime.telemetry" not in off_modules
+    assert f"{PACKAGE}.runtime.observe.telemetry" not in off_modules
     assert "opentelemetry.sdk.trace" in on_modules
     # Job lines carry trace ids exactly when tracing is on (the filter telemetry.setup adds).
     [off_done], [on_done] = off.done(), on.done()

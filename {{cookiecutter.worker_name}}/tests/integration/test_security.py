@@ -48,7 +48,7 @@ from worker_testkit import SETTINGS_VARS, WorkerProcess, free_port, port_open, w
 
 import {{ cookiecutter.__package_name }} as package
 from {{ cookiecutter.__package_name }}.runtime.connection import connect
-from {{ cookiecutter.__package_name }}.runtime.embedded import find_binary, stop_process
+from {{ cookiecutter.__package_name }}.runtime.operate.embedded import find_binary, stop_process
 from {{ cookiecutter.__package_name }}.runtime.names import JOB_TYPE, STREAM_NAME, WORKER_NAME
 from {{ cookiecutter.__package_name }}.runtime.settings import load_settings
 

@@ -11,7 +11,7 @@ from worker_testkit import WorkerEnv
 
 from {{ cookiecutter.__package_name }}.job import Job
 from {{ cookiecutter.__package_name }}.runtime import JobContext, Reject, Retry
-from {{ cookiecutter.__package_name }}.runtime.worker import Counters, Worker
+from {{ cookiecutter.__package_name }}.runtime.consume.worker import Counters, Worker
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from worker_testkit import DURABLE, WorkerEnv, quick_connect
 
 from {{ cookiecutter.__package_name }}.job import Job
 from {{ cookiecutter.__package_name }}.runtime import JobContext
-from {{ cookiecutter.__package_name }}.runtime.worker import Worker
+from {{ cookiecutter.__package_name }}.runtime.consume.worker import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from otlp_sink import OtlpSink, flatten, value
 
-from {{ cookiecutter.__package_name }}.runtime.consumer_spans import (
+from {{ cookiecutter.__package_name }}.runtime.observe.consumer_spans import (
     ConsumerSpans,
     OtlpEncoder,
     OtlpSender,

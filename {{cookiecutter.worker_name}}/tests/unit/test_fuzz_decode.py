@@ -22,10 +22,10 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from {{ cookiecutter.__package_name }}.job import Job
-from {{ cookiecutter.__package_name }}.runtime.context import JobContext
+from {{ cookiecutter.__package_name }}.runtime.consume.context import JobContext
 from {{ cookiecutter.__package_name }}.runtime.errors import describe
 from {{ cookiecutter.__package_name }}.runtime.settings import load_settings
-from {{ cookiecutter.__package_name }}.runtime.worker import Worker
+from {{ cookiecutter.__package_name }}.runtime.consume.worker import Worker
 
 FUZZ = settings(
     max_examples=300,

@@ -20,7 +20,7 @@ PROBE = textwrap.dedent(
     from nats.aio.msg import Msg
     from opentelemetry import metrics, trace
     from PKG.runtime.settings import load_settings
-    from PKG.runtime.telemetry import setup
+    from PKG.runtime.observe.telemetry import setup
 
     telemetry = setup(load_settings())
     msg = Msg(

@@ -4,7 +4,7 @@ Generated from the template and owned by it: a template update may rewrite any f
 package, so keep business code in ``job.py`` and ``handler.py``.
 """
 
-from .context import JobContext
+from .consume.context import JobContext
 from .errors import Reject, Retry
 
 __all__ = ["JobContext", "Reject", "Retry"]

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from .dlq import MaxDeliveriesRescue
-from .health import HealthServer
-from .registry import Registry
-from .retirement import LaneWatcher
+from .consume.dlq import MaxDeliveriesRescue
+from .observe.health import HealthServer
+from .evolve.registry import Registry
+from .evolve.retirement import LaneWatcher
 from .settings import Settings
-from .telemetry_config import setup_if_wanted
-from .worker import Handler, Hook, Worker
+from .observe.telemetry_config import setup_if_wanted
+from .consume.worker import Handler, Hook, Worker
 
 if TYPE_CHECKING:
-    from .telemetry import Telemetry
+    from .observe.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 BACKLOG_POLL = 10.0  # seconds between consumer-info reads for the backlog gauges
@@ -147,7 +147,7 @@ async def serve(
         live, ready = health_checks(worker, settings)
         metrics_text = None
         if telemetry is not None and settings.prometheus_metrics:
-            from .telemetry import prometheus_text
+            from .observe.telemetry import prometheus_text
 
             metrics_text = prometheus_text
         health = HealthServer(settings.health_host, settings.health_port, live, ready, metrics_text)

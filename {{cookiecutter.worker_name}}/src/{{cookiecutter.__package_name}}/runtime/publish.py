@@ -21,11 +21,11 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from ..job import Job
 from .connection import connect
-from .retrying import retry
+from .consume.retrying import retry
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from .telemetry import Telemetry
+    from .observe.telemetry import Telemetry
 
 Outgoing = tuple[str, bytes, dict[str, str] | None]
 _WINDOW = 256  # publishes in flight at once on bulk paths

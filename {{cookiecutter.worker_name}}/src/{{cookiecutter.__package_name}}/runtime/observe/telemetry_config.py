@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .settings import Settings
+from ..settings import Settings
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry

@@ -8,10 +8,10 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
-from .lanes import history
-from .registry import heartbeats
-from .settings import Settings
-from .topology import lane_of
+from ..evolve.lanes import history
+from ..evolve.registry import heartbeats
+from ..settings import Settings
+from ..evolve.topology import lane_of
 
 
 def lane_state(lane: str, current: str | None, ever_current: set[str], backlog: int) -> str:

@@ -31,9 +31,9 @@ from nats.js.kv import KeyValue
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from .. import __version__
-from .names import DESCRIPTION, WORKER_NAME
-from .settings import Settings
+from ... import __version__
+from ..names import DESCRIPTION, WORKER_NAME
+from ..settings import Settings
 from .topology import ensure_bucket
 
 log = logging.getLogger(__name__)

@@ -50,8 +50,8 @@ from opentelemetry.proto.common.v1.common_pb2 import (
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
-from .. import __version__
-from .errors import describe
+from ... import __version__
+from ..errors import describe
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from nats.js import JetStreamContext
 
 from .lanes import RouteChange, ensure_route_bucket, record_first
 from .registry import ensure_registry_bucket, registry_bucket
-from .settings import Settings
+from ..settings import Settings
 from .topology import (
     ProvisionReport,
     dlq_config,

@@ -35,11 +35,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import BaseModel
 
-from .. import __version__
-from .connection import connect
+from ... import __version__
+from ..connection import connect
 from .context import JobContext
 from .dlq import dead_letter
-from .errors import (
+from ..errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -49,11 +49,11 @@ from .errors import (
     WorkerError,
     describe,
 )
-from .provision import provision
-from .settings import Settings
+from ..evolve.provision import provision
+from ..settings import Settings
 
 if TYPE_CHECKING:
-    from .telemetry import Telemetry
+    from ..observe.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class Worker:
 
     def _client_closed(self, nc: Client) -> None:
         """The client is closed and nobody asked for it (a callback we missed)."""
-        from .connection import lost_error
+        from ..connection import lost_error
 
         self.connection_lost(lost_error(nc.last_error))
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .names import WORKER_NAME
+from ..names import WORKER_NAME
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 

@@ -11,7 +11,7 @@ import asyncio
 import json
 from collections.abc import Callable
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Check = Callable[[], tuple[bool, dict[str, object]]]
 

@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from .lanes import current_lane, history
-from .settings import Settings
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 _RETIRING_CHECK = 1.0

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 
-from .lanes import route_bucket
-from .names import WORKER_NAME
-from .registry import registry_bucket
-from .settings import Settings
+from ..evolve.lanes import route_bucket
+from ..names import WORKER_NAME
+from ..evolve.registry import registry_bucket
+from ..settings import Settings
 
 
 def inbox_prefix() -> str:

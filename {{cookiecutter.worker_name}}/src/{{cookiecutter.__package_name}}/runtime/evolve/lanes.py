@@ -34,12 +34,12 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
-from .errors import RouteRefusedError
-from .names import WORKER_NAME
-from .publish import publish_many
+from ..errors import RouteRefusedError
+from ..names import WORKER_NAME
+from ..publish import publish_many
 from .registry import discover
-from .retrying import retry
-from .settings import Settings
+from ..consume.retrying import retry
+from ..settings import Settings
 from .topology import ensure_bucket, lane_of, route_transform
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError
 from pydantic import ValidationError
 
-from .. import __version__
-from .errors import (
+from ... import __version__
+from ..errors import (
     EXIT_FAILURE,
     EXIT_NOPERM,
     EXIT_OK,
@@ -35,9 +35,9 @@ from .errors import (
     WorkerError,
     describe,
 )
-from .names import DESCRIPTION, WORKER_NAME
-from .settings import Settings, load_settings
-from .telemetry_config import setup_if_wanted
+from ..names import DESCRIPTION, WORKER_NAME
+from ..settings import Settings, load_settings
+from ..observe.telemetry_config import setup_if_wanted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,7 +73,7 @@ def _with_nats(settings: Settings, body: Callable[[Client], Awaitable[int]]) -> 
     """Run one CLI command's body on a fresh connection that is closed afterwards."""
 
     async def go() -> int:
-        from .connection import connect
+        from ..connection import connect
 
         nc = await connect(settings)
         try:
@@ -88,9 +88,9 @@ def _with_nats(settings: Settings, body: Callable[[Client], Awaitable[int]]) -> 
 
 
 async def _run_worker(settings: Settings, demo: int, dev: bool = False) -> int:
-    from ..handler import handle
-    from ..job import Job
-    from .app import serve
+    from ...handler import handle
+    from ...job import Job
+    from ..app import serve
 
     if not demo:
         return await serve(settings, Job, handle, dev=dev)
@@ -125,7 +125,7 @@ def _counting(handler: Any, count: int, done: asyncio.Event) -> Any:
 
 def _demo_jobs(count: int) -> list[Any]:
     """Example jobs built from just an id; the second fails once (if the model allows it)."""
-    from ..job import Job
+    from ...job import Job
 
     run = uuid.uuid4().hex[:6]
     jobs = [Job.model_validate({"id": f"demo-{run}-{i}"}) for i in range(count)]
@@ -138,7 +138,7 @@ def _demo_jobs(count: int) -> list[Any]:
 
 async def _demo(worker: Any, settings: Settings, count: int, done: asyncio.Event) -> None:
     """Publish ``count`` example jobs and one malformed payload, then stop when all are done."""
-    from .publish import Producer, publish_many
+    from ..publish import Producer, publish_many
 
     await worker.ready.wait()
     try:
@@ -199,7 +199,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     _setup_logging(settings)
 
     async def body(nc: Client) -> int:
-        from .provision import provision
+        from ..evolve.provision import provision
 
         report = await provision(nc.jetstream(), settings)
         for line in report.lines():
@@ -226,7 +226,7 @@ def _read_payload(args: argparse.Namespace) -> bytes:
 
 def _parse_jobs(data: bytes) -> list[Any]:
     """A JSON object, a JSON array of objects, or JSON lines."""
-    from ..job import Job
+    from ...job import Job
 
     try:
         text = data.decode("utf-8").strip()
@@ -262,7 +262,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     jobs = [] if args.raw else _parse_jobs(data)
 
     async def go() -> int:
-        from .publish import Producer, publish_many
+        from ..publish import Producer, publish_many
 
         telemetry = setup_if_wanted(settings, traces_only=True)
         async with Producer(settings, telemetry=telemetry) as producer:
@@ -318,7 +318,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         raise InputError("give a lane or --rollback, not both")
 
     async def body(nc: Client) -> int:
-        from . import lanes
+        from ..evolve import lanes
 
         js = nc.jetstream()
         if not args.lane and not args.rollback:
@@ -377,7 +377,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
 
     async def body(nc: Client) -> int:
-        from . import dlq
+        from ..consume import dlq
 
         js = nc.jetstream()
         await _require_dlq_stream(js, settings)
@@ -427,7 +427,7 @@ async def _require_dlq_stream(js: Any, settings: Settings) -> None:
     """A missing DLQ stream is a setup problem (exit 78), not an unreachable server."""
     from nats.js.errors import NotFoundError
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     try:
         await js.stream_info(settings.dlq_stream_name)
@@ -439,7 +439,7 @@ async def _require_dlq_stream(js: Any, settings: Settings) -> None:
 
 
 def _print_dlq(entries: Sequence[Any]) -> None:
-    from .dlq import show
+    from ..consume.dlq import show
 
     if not entries:
         print("DLQ is empty")
@@ -458,7 +458,7 @@ def _print_dlq(entries: Sequence[Any]) -> None:
 
 def _show_dlq_entry(entry: Any) -> None:
     """Everything about one entry, readable whatever bytes it holds (``dlq show``)."""
-    from .dlq import show
+    from ..consume.dlq import show
 
     s = entry.summary
     print(f"DLQ entry {entry.seq} ({entry.form} format", end="")
@@ -518,7 +518,7 @@ def cmd_permissions(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from .health import probe
+    from ..observe.health import probe
 
     settings = load_settings()
     path = "/livez" if args.live else "/readyz"
@@ -532,8 +532,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(settings: Settings, one_shot: bool = True) -> None:
-    from .connection import quiet_denials
-    from .logs import setup_logging
+    from ..connection import quiet_denials
+    from ..observe.logs import setup_logging
 
     if one_shot:
         quiet_denials()
@@ -572,7 +572,7 @@ def _explain_nats_error(exc: Exception) -> tuple[str, int]:
             EXIT_NOPERM,
         )
     if isinstance(exc, NatsTimeout | TimeoutError | NoRespondersError):
-        from .connection import denied
+        from ..connection import denied
 
         if denied:  # the server refused the request; the client only saw no answer
             return (

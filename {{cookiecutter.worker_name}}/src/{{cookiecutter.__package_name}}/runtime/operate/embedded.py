@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import ConfigError, UnavailableError
+from ..errors import ConfigError, UnavailableError
 
 
 def find_binary() -> str:

@@ -37,10 +37,10 @@ from opentelemetry.semconv._incubating.attributes import messaging_attributes as
 from opentelemetry.semconv.attributes import service_attributes
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
-from .. import __version__
-from .errors import describe
-from .names import WORKER_NAME
-from .settings import Settings
+from ... import __version__
+from ..errors import describe
+from ..names import WORKER_NAME
+from ..settings import Settings
 from .telemetry_config import wanted
 
 if TYPE_CHECKING:

@@ -32,9 +32,9 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 
-from .errors import JETSTREAM_UNAVAILABLE, NotPermittedError, ProvisionError, UnavailableError
-from .names import WORKER_NAME
-from .settings import Settings
+from ..errors import JETSTREAM_UNAVAILABLE, NotPermittedError, ProvisionError, UnavailableError
+from ..names import WORKER_NAME
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -63,14 +63,14 @@ from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from .. import __version__
-from .errors import InputError, describe
-from .publish import publish_many
+from ... import __version__
+from ..errors import InputError, describe
+from ..publish import publish_many
 from .retrying import retry
-from .settings import Settings
+from ..settings import Settings
 
 if TYPE_CHECKING:
-    from .telemetry import Telemetry
+    from ..observe.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The hot path: pull jobs, run the handler, settle them (ack, retry, dead-letter)."""
