@@ -10,24 +10,23 @@ Return normally and the job is acknowledged. Raise to control what happens next:
 The handler runs with a timeout (``HANDLER_TIMEOUT``); a timeout counts as a failure. Long jobs
 need nothing special: the chassis tells JetStream the job is still in progress while it runs.
 Do not block the event loop: run blocking calls with ``asyncio.to_thread``.
+
+``ctx.resources`` holds what ``resources.py`` opened at start-up (pools, clients, and your
+settings from ``settings.py`` if the handler needs them).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from .job import Job
-from .runtime import JobContext, Retry
+from .resources import Resources
+from .runtime import JobContext
 
 log = logging.getLogger(__name__)
 
 
-async def handle(job: Job, ctx: JobContext) -> None:
+async def handle(job: Job, ctx: JobContext[Resources]) -> None:
     """Process one job. Replace the body with your own logic."""
-    if job.fail_times and ctx.attempt <= job.fail_times:
-        raise Retry(delay=0.2, reason=f"demo failure {ctx.attempt} of {job.fail_times}")
-    if job.work_seconds:
-        await asyncio.sleep(job.work_seconds)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("handled %s x%d", job.item, job.quantity)

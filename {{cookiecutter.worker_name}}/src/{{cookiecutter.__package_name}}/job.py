@@ -22,6 +22,3 @@ class Job(BaseModel):
     # Example fields: replace them with what your job carries.
     item: str = Field(default="example", max_length=200)
     quantity: int = Field(default=1, ge=1)
-    # Test and demo hooks; safe to delete together with their use in handler.py.
-    work_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)
-    fail_times: int = Field(default=0, ge=0)

@@ -1,7 +1,8 @@
 """Compose one running instance: worker, health server, registry and lane watcher.
 
-``serve`` is what ``run`` does; tests and other programs can call it with their own job model and
-handler (``install_signal_handlers=False`` and ``on_worker`` to get hold of the worker).
+``serve`` is what ``run`` does; tests and other programs can call it with their own
+:class:`~.binding.WorkerApp` (``install_signal_handlers=False`` and ``on_worker`` to get hold of
+the worker).
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
+from .binding import WorkerApp
 from .consume.dlq import MaxDeliveriesRescue
-from .observe.health import HealthServer
+from .consume.worker import Hook, Worker
 from .evolve.registry import Registry
 from .evolve.retirement import LaneWatcher
-from .settings import Settings
+from .observe.health import HealthServer
 from .observe.telemetry_config import setup_if_wanted
-from .consume.worker import Handler, Hook, Worker
+from .settings import Settings
 
 if TYPE_CHECKING:
     from .observe.telemetry import Telemetry
@@ -94,24 +94,38 @@ def health_checks(
 
 async def serve(
     settings: Settings,
-    job_model: type[BaseModel],
-    handler: Handler,
+    app: WorkerApp,
     *,
     install_signal_handlers: bool = True,
     on_worker: Callable[[Worker], Any] | None = None,
     telemetry: Telemetry | None = None,
     dev: bool = False,
 ) -> int:
-    """Run one instance until it is stopped or retires; return the exit code."""
+    """Run one instance until it is stopped or retires; return the exit code.
+
+    The app's resources are opened before the worker connects and closed after it has drained
+    and said goodbye, so no running job loses a resource under it.
+    """
     if telemetry is None:
         telemetry = setup_if_wanted(settings, dev=dev)  # imports the SDK only when it is used
-    worker = Worker(
-        settings,
-        job_model,
-        handler,
-        install_signal_handlers=install_signal_handlers,
-        telemetry=telemetry,
-    )
+    async with app.lifespan(settings) as resources:
+        worker = Worker(
+            settings,
+            app.job_model,
+            app.handler,
+            install_signal_handlers=install_signal_handlers,
+            telemetry=telemetry,
+            resources=resources,
+        )
+        return await _serve_worker(worker, settings, telemetry, on_worker)
+
+
+async def _serve_worker(
+    worker: Worker,
+    settings: Settings,
+    telemetry: Telemetry | None,
+    on_worker: Callable[[Worker], Any] | None,
+) -> int:
     if on_worker is not None:
         on_worker(worker)
 

@@ -18,8 +18,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError, NotFoundError
+from pydantic import BaseModel
 
-from ..job import Job
 from .connection import connect
 from .consume.retrying import retry
 from .settings import Settings
@@ -32,9 +32,10 @@ _WINDOW = 256  # publishes in flight at once on bulk paths
 PUBLISH_PATIENCE = 20.0  # seconds a publish is retried: longer than a JetStream leader election
 
 
-def encode(job: Job) -> tuple[bytes, dict[str, str]]:
-    """The wire form of a job: compact JSON, with its id as the deduplication key."""
-    return job.model_dump_json().encode(), {"Nats-Msg-Id": job.id}
+def encode(job: BaseModel) -> tuple[bytes, dict[str, str]]:
+    """The wire form of a job: compact JSON, with its ``id`` as the deduplication key."""
+    job_id = getattr(job, "id", None)
+    return job.model_dump_json().encode(), ({"Nats-Msg-Id": str(job_id)} if job_id else {})
 
 
 async def publish_patiently(
@@ -131,7 +132,7 @@ class Producer:
             raise RuntimeError("use 'async with Producer(settings)' before publishing")
         return self._nc.jetstream()
 
-    async def publish(self, job: Job) -> PubAck:
+    async def publish(self, job: BaseModel) -> PubAck:
         data, headers = encode(job)
         subject = self.settings.ingress_subject
         if self.telemetry is None:
@@ -139,7 +140,7 @@ class Producer:
         with self.telemetry.producing(subject, headers):
             return await publish_patiently(self.js, subject, data, headers)
 
-    async def publish_all(self, jobs: Sequence[Job]) -> list[PubAck]:
+    async def publish_all(self, jobs: Sequence[BaseModel]) -> list[PubAck]:
         subject = self.settings.ingress_subject
         if self.telemetry is None:
             return await publish_many(self.js, ((subject, *encode(job)) for job in jobs))

@@ -264,9 +264,11 @@ def _env_name(loc: tuple[int | str, ...]) -> str:
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read the settings or raise :class:`ConfigError` with one line per problem."""
+    """Read the settings (the user's class, see ``binding``) or raise :class:`ConfigError`."""
+    from .binding import settings_class
+
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return settings_class()(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False, include_input=False):

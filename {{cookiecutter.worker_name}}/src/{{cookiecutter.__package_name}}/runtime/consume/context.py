@@ -1,14 +1,24 @@
-"""What a handler may know about the message behind its job, computed only when asked."""
+"""What a handler may know about its job: delivery facts, computed only when asked, and the
+process-wide ``resources`` that ``resources.lifespan`` opened.
+
+A worker binds ``resources`` once, as a class attribute of a subclass made at start-up
+(:func:`bound_context`), so the context of each message is still one object with one slot.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Generic, TypeVar
+
 from nats.aio.msg import Msg
 
+R = TypeVar("R")
 
-class JobContext:
+
+class JobContext(Generic[R]):
     """Delivery facts for one job. Attributes are parsed lazily: the happy path pays nothing."""
 
     __slots__ = ("_msg",)
+    resources: R  # what resources.lifespan yielded; a class attribute (see bound_context)
 
     def __init__(self, msg: Msg) -> None:
         self._msg = msg
@@ -38,3 +48,8 @@ class JobContext:
     async def progress(self) -> None:
         """Tell JetStream the job is still being worked on (the chassis also does this itself)."""
         await self._msg.in_progress()
+
+
+def bound_context(resources: object) -> type[JobContext[Any]]:
+    """A JobContext class whose instances all see these ``resources``."""
+    return type("BoundJobContext", (JobContext,), {"__slots__": (), "resources": resources})

@@ -66,8 +66,8 @@ from nats.js.errors import APIError, NotFoundError
 from ... import __version__
 from ..errors import InputError, describe
 from ..publish import publish_many
-from .retrying import retry
 from ..settings import Settings
+from .retrying import retry
 
 if TYPE_CHECKING:
     from ..observe.telemetry import Telemetry

@@ -37,8 +37,6 @@ from pydantic import BaseModel
 
 from ... import __version__
 from ..connection import connect
-from .context import JobContext
-from .dlq import dead_letter
 from ..errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -51,13 +49,15 @@ from ..errors import (
 )
 from ..evolve.provision import provision
 from ..settings import Settings
+from .context import JobContext, bound_context
+from .dlq import dead_letter
 
 if TYPE_CHECKING:
     from ..observe.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any, JobContext], Awaitable[None]]
+Handler = Callable[[Any, JobContext[Any]], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 Outcome = tuple[str, BaseException] | None  # None: handled and acknowledged
 PULL_EXPIRES = 30.0  # a pull request stays open this long on an idle stream
@@ -108,8 +108,10 @@ class Worker:
         *,
         install_signal_handlers: bool = True,
         telemetry: Telemetry | None = None,
+        resources: object = None,
     ) -> None:
         self.settings = settings
+        self._context = bound_context(resources)  # what the handler sees as ctx.resources
         self.telemetry = telemetry
         # Chosen once: with telemetry off the hot path has no tracing code at all.
         self._process_job = (
@@ -482,7 +484,7 @@ class Worker:
         slot.handler_since = slot.progress_at = loop.time()
         error: Exception | None = None
         try:
-            await self.handler(job, JobContext(msg))
+            await self.handler(job, self._context(msg))
         except asyncio.CancelledError:
             if not slot.timed_out:
                 raise

@@ -34,12 +34,12 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
+from ..consume.retrying import retry
 from ..errors import RouteRefusedError
 from ..names import WORKER_NAME
 from ..publish import publish_many
-from .registry import discover
-from ..consume.retrying import retry
 from ..settings import Settings
+from .registry import discover
 from .topology import ensure_bucket, lane_of, route_transform
 
 log = logging.getLogger(__name__)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from nats.js import JetStreamContext
 
+from ..settings import Settings
 from .lanes import RouteChange, ensure_route_bucket, record_first
 from .registry import ensure_registry_bucket, registry_bucket
-from ..settings import Settings
 from .topology import (
     ProvisionReport,
     dlq_config,

@@ -21,8 +21,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .lanes import current_lane, history
 from ..settings import Settings
+from .lanes import current_lane, history
 
 log = logging.getLogger(__name__)
 _RETIRING_CHECK = 1.0

@@ -15,6 +15,7 @@ import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -22,9 +23,10 @@ from urllib.parse import urlsplit
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ... import __version__
+from ..binding import APPS, WorkerApp, load_app
 from ..errors import (
     EXIT_FAILURE,
     EXIT_NOPERM,
@@ -36,8 +38,8 @@ from ..errors import (
     describe,
 )
 from ..names import DESCRIPTION, WORKER_NAME
-from ..settings import Settings, load_settings
 from ..observe.telemetry_config import setup_if_wanted
+from ..settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,23 +89,20 @@ def _with_nats(settings: Settings, body: Callable[[Client], Awaitable[int]]) -> 
 # --------------------------------------------------------------------------------- run
 
 
-async def _run_worker(settings: Settings, demo: int, dev: bool = False) -> int:
-    from ...handler import handle
-    from ...job import Job
+async def _run_worker(settings: Settings, app: WorkerApp, demo: int, dev: bool = False) -> int:
     from ..app import serve
 
     if not demo:
-        return await serve(settings, Job, handle, dev=dev)
+        return await serve(settings, app, dev=dev)
     done = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
     def launch_demo(worker: Any) -> None:
-        tasks.append(asyncio.create_task(_demo(worker, settings, demo, done)))
+        tasks.append(asyncio.create_task(_demo(worker, settings, app, demo, done)))
 
+    counted = replace(app, handler=_counting(app.handler, demo, done))
     try:
-        return await serve(
-            settings, Job, _counting(handle, demo, done), on_worker=launch_demo, dev=dev
-        )
+        return await serve(settings, counted, on_worker=launch_demo, dev=dev)
     finally:
         for task in tasks:
             task.cancel()
@@ -123,26 +122,26 @@ def _counting(handler: Any, count: int, done: asyncio.Event) -> Any:
     return wrapper
 
 
-def _demo_jobs(count: int) -> list[Any]:
+def _demo_jobs(job_model: type[BaseModel], count: int) -> list[Any]:
     """Example jobs built from just an id; the second fails once (if the model allows it)."""
-    from ...job import Job
-
     run = uuid.uuid4().hex[:6]
-    jobs = [Job.model_validate({"id": f"demo-{run}-{i}"}) for i in range(count)]
+    jobs = [job_model.model_validate({"id": f"demo-{run}-{i}"}) for i in range(count)]
     if count > 1:
         # Shows a retry in the logs and spans; skipped quietly for models without the field.
         with contextlib.suppress(ValidationError):
-            jobs[1] = Job.model_validate({"id": f"demo-{run}-1", "fail_times": 1})
+            jobs[1] = job_model.model_validate({"id": f"demo-{run}-1", "fail_times": 1})
     return jobs
 
 
-async def _demo(worker: Any, settings: Settings, count: int, done: asyncio.Event) -> None:
+async def _demo(
+    worker: Any, settings: Settings, app: WorkerApp, count: int, done: asyncio.Event
+) -> None:
     """Publish ``count`` example jobs and one malformed payload, then stop when all are done."""
     from ..publish import Producer, publish_many
 
     await worker.ready.wait()
     try:
-        jobs = _demo_jobs(count)
+        jobs = _demo_jobs(app.job_model, count)
     except ValidationError as exc:
         log.error(
             "--demo cannot build an example Job from just an id (%s); publish your own "
@@ -177,8 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["provision"] = False
     settings = load_settings(**overrides)
     _setup_logging(settings, one_shot=False)
+    app = load_app("demo" if args.demo else args.app)
     if not args.embedded_nats:
-        return _run_async(lambda: _run_worker(settings, args.demo))
+        return _run_async(lambda: _run_worker(settings, app, args.demo))
     from .embedded import EmbeddedNats, default_store
 
     url = urlsplit(settings.nats_url[0])
@@ -188,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "embedded nats-server with JetStream on %s (store %s)", server.url, server.store_dir
         )
         settings = load_settings(**overrides, nats_url=[server.url])
-        return _run_async(lambda: _run_worker(settings, args.demo, dev=True))
+        return _run_async(lambda: _run_worker(settings, app, args.demo, dev=True))
 
 
 # --------------------------------------------------------------------------------- provision
@@ -224,10 +224,8 @@ def _read_payload(args: argparse.Namespace) -> bytes:
     return os.fsencode(args.payload)  # undoes the surrogate escapes of non-UTF-8 argv bytes
 
 
-def _parse_jobs(data: bytes) -> list[Any]:
+def _parse_jobs(data: bytes, job_model: type[BaseModel]) -> list[Any]:
     """A JSON object, a JSON array of objects, or JSON lines."""
-    from ...job import Job
-
     try:
         text = data.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -247,7 +245,7 @@ def _parse_jobs(data: bytes) -> list[Any]:
     jobs = []
     for n, item in enumerate(items, 1):
         try:
-            jobs.append(Job.model_validate(item))
+            jobs.append(job_model.model_validate(item))
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "job"
@@ -259,7 +257,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     settings = load_settings()
     _setup_logging(settings)
     data = _read_payload(args)
-    jobs = [] if args.raw else _parse_jobs(data)
+    jobs = [] if args.raw else _parse_jobs(data, load_app(args.app).job_model)
 
     async def go() -> int:
         from ..publish import Producer, publish_many
@@ -592,6 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--app",
+        choices=APPS,
+        default="user",
+        help="'demo' runs and publishes the chassis's demo job (sleeps and failures on request) "
+        "instead of yours: for trying the chassis and for its tests, never for production",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 from ..evolve.lanes import route_bucket
-from ..names import WORKER_NAME
 from ..evolve.registry import registry_bucket
+from ..names import WORKER_NAME
 from ..settings import Settings
 
 

@@ -10,8 +10,8 @@ from nats.js.errors import NotFoundError
 
 from ..evolve.lanes import history
 from ..evolve.registry import heartbeats
-from ..settings import Settings
 from ..evolve.topology import lane_of
+from ..settings import Settings
 
 
 def lane_state(lane: str, current: str | None, ever_current: set[str], backlog: int) -> str:

@@ -220,7 +220,7 @@ class Deployment:
     ) -> subprocess.CompletedProcess[str]:
         """Run the worker's CLI against this deployment's stream (output captured)."""
         return subprocess.run(
-            [sys.executable, "-m", PACKAGE, *args],
+            [sys.executable, "-m", PACKAGE, "--app", "demo", *args],
             env=self.env.environ(**self.overrides(**(env or {}))),
             cwd=self.env.workdir,
             capture_output=True,

@@ -48,8 +48,8 @@ from worker_testkit import SETTINGS_VARS, WorkerProcess, free_port, port_open, w
 
 import {{ cookiecutter.__package_name }} as package
 from {{ cookiecutter.__package_name }}.runtime.connection import connect
-from {{ cookiecutter.__package_name }}.runtime.operate.embedded import find_binary, stop_process
 from {{ cookiecutter.__package_name }}.runtime.names import JOB_TYPE, STREAM_NAME, WORKER_NAME
+from {{ cookiecutter.__package_name }}.runtime.operate.embedded import find_binary, stop_process
 from {{ cookiecutter.__package_name }}.runtime.settings import load_settings
 
 pytestmark = pytest.mark.integration
@@ -216,7 +216,7 @@ class Worker:
         started = time.monotonic()
         try:
             result = subprocess.run(
-                [sys.executable, "-m", PACKAGE, *args],
+                [sys.executable, "-m", PACKAGE, "--app", "demo", *args],
                 env=self.environ(**env),
                 cwd=self.workdir,
                 stdin=subprocess.DEVNULL,

@@ -24,17 +24,18 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from worker_testkit import WorkerEnv, WorkerProcess, wait_until
 
-from {{ cookiecutter.__package_name }}.job import Job
 from {{ cookiecutter.__package_name }}.runtime.consume import dlq
 from {{ cookiecutter.__package_name }}.runtime.consume.context import JobContext
-from {{ cookiecutter.__package_name }}.runtime.names import WORKER_NAME
 from {{ cookiecutter.__package_name }}.runtime.consume.worker import Worker
+from {{ cookiecutter.__package_name }}.runtime.names import WORKER_NAME
+from {{ cookiecutter.__package_name }}.runtime.operate.demo import DemoJob as Job
 
 pytestmark = pytest.mark.integration
 
@@ -331,7 +332,7 @@ def test_a_handler_that_blocks_the_event_loop_is_reported_and_its_job_completes(
     async def scenario(collect: Collect) -> tuple[int, int]:
         done = asyncio.Event()
 
-        async def blocking(job: Job, ctx: JobContext) -> None:
+        async def blocking(job: Job, ctx: JobContext[Any]) -> None:
             time.sleep(1.5)  # noqa: ASYNC251 - blocking the loop is the point of the test
             handled.append(job.id)
             done.set()

@@ -10,13 +10,13 @@ import pytest
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from {{ cookiecutter.__package_name }}.handler import handle
-from {{ cookiecutter.__package_name }}.job import Job
 from {{ cookiecutter.__package_name }}.runtime import JobContext, Retry
 from {{ cookiecutter.__package_name }}.runtime.errors import describe
+from {{ cookiecutter.__package_name }}.runtime.operate.demo import DemoJob as Job
+from {{ cookiecutter.__package_name }}.runtime.operate.demo import handle
 
 
-def delivery(attempt: int, *, stream_seq: int = 7, msg_id: str | None = "job-1") -> JobContext:
+def delivery(attempt: int, *, stream_seq: int = 7, msg_id: str | None = "job-1") -> JobContext[Any]:
     """A JetStream delivery as the chassis hands it to the handler (reply subject = metadata)."""
     reply = f"$JS.ACK.STREAM.consumer.{attempt}.{stream_seq}.{stream_seq}.1700000000000000000.0"
     msg = Msg(

@@ -14,13 +14,13 @@ from nats.aio.msg import Msg
 from opentelemetry.sdk.trace import TracerProvider
 
 from {{ cookiecutter.__package_name }} import __version__
-from {{ cookiecutter.__package_name }}.runtime.operate import cli
-from {{ cookiecutter.__package_name }}.runtime.errors import EXIT_CONFIG, ConfigError
-from {{ cookiecutter.__package_name }}.runtime.observe.logs import JsonFormatter, setup_logging
-from {{ cookiecutter.__package_name }}.runtime.names import WORKER_NAME
-from {{ cookiecutter.__package_name }}.runtime.settings import load_settings
-from {{ cookiecutter.__package_name }}.runtime.observe.telemetry import TraceContextFilter
 from {{ cookiecutter.__package_name }}.runtime.consume.worker import _job_fields
+from {{ cookiecutter.__package_name }}.runtime.errors import EXIT_CONFIG, ConfigError
+from {{ cookiecutter.__package_name }}.runtime.names import WORKER_NAME
+from {{ cookiecutter.__package_name }}.runtime.observe.logs import JsonFormatter, setup_logging
+from {{ cookiecutter.__package_name }}.runtime.observe.telemetry import TraceContextFilter
+from {{ cookiecutter.__package_name }}.runtime.operate import cli
+from {{ cookiecutter.__package_name }}.runtime.settings import load_settings
 
 CANARY = "hunter2-Zq9xK7-do-not-log"
 JOB_LINE_FIELDS = ("job_id", "subject", "stream_seq", "attempt")

@@ -31,7 +31,7 @@ def test_unreachable_nats_exits_69_within_the_connect_timeout(
     env = worker_env.environ(NATS_URL=closed, NATS_CONNECT_TIMEOUT=1, LOG_LEVEL="INFO")
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", PACKAGE, *command],
+        [sys.executable, "-m", PACKAGE, "--app", "demo", *command],
         env=env,
         cwd=worker_env.workdir,
         stdin=subprocess.DEVNULL,

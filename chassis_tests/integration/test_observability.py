@@ -41,21 +41,22 @@ from otlp_sink import Exported, OtlpSink
 from worker_testkit import NatsServer, WorkerEnv, WorkerProcess, free_port, wait_until
 
 import {{ cookiecutter.__package_name }} as package
-from {{ cookiecutter.__package_name }}.handler import handle
-from {{ cookiecutter.__package_name }}.job import Job
 from {{ cookiecutter.__package_name }}.runtime import JobContext, app
+from {{ cookiecutter.__package_name }}.runtime.binding import WorkerApp
 from {{ cookiecutter.__package_name }}.runtime.consume import dlq
+from {{ cookiecutter.__package_name }}.runtime.consume.worker import Handler, Worker
 from {{ cookiecutter.__package_name }}.runtime.observe.job_durations import reader_with
 from {{ cookiecutter.__package_name }}.runtime.observe.logs import JsonFormatter
-from {{ cookiecutter.__package_name }}.runtime.publish import Producer
-from {{ cookiecutter.__package_name }}.runtime.settings import Settings
 from {{ cookiecutter.__package_name }}.runtime.observe.telemetry import (
     DURATION_BUCKETS,
     Telemetry,
     TraceContextFilter,
     job_durations,
 )
-from {{ cookiecutter.__package_name }}.runtime.consume.worker import Handler, Worker
+from {{ cookiecutter.__package_name }}.runtime.operate.demo import DemoJob as Job
+from {{ cookiecutter.__package_name }}.runtime.operate.demo import handle
+from {{ cookiecutter.__package_name }}.runtime.publish import Producer
+from {{ cookiecutter.__package_name }}.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -212,8 +213,7 @@ async def with_worker(
         task = asyncio.create_task(
             app.serve(
                 settings,
-                Job,
-                handler,
+                WorkerApp("demo", Job, handler),
                 install_signal_handlers=False,
                 on_worker=workers.append,
                 telemetry=telemetry,
@@ -246,7 +246,7 @@ async def with_worker(
     return result
 
 
-async def poison_aware(job: Job, ctx: JobContext) -> None:
+async def poison_aware(job: Job, ctx: JobContext[Any]) -> None:
     """The generated handler, except that item 'poison' always fails."""
     if job.item == "poison":
         raise RuntimeError(f"poison pill {job.id}")
@@ -362,7 +362,7 @@ def test_dead_letter_keeps_the_trace_and_replay_links_to_it(worker_env: WorkerEn
     job = Job(id=f"dlq-{tag()}", item="flaky")
     healed = asyncio.Event()
 
-    async def flaky(job: Job, ctx: JobContext) -> None:
+    async def flaky(job: Job, ctx: JobContext[Any]) -> None:
         if not healed.is_set():
             raise RuntimeError("downstream unavailable")
 
@@ -497,7 +497,7 @@ def test_without_telemetry_jobs_run_and_carry_no_trace_headers(worker_env: Worke
     settings = settings_for(worker_env)
     seen: list[dict[str, str]] = []
 
-    async def record(job: Job, ctx: JobContext) -> None:
+    async def record(job: Job, ctx: JobContext[Any]) -> None:
         seen.append(ctx.headers)
 
     async def body(worker: Worker) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from worker_testkit import WorkerEnv
 
-from {{ cookiecutter.__package_name }}.job import Job
 from {{ cookiecutter.__package_name }}.runtime import JobContext, Reject, Retry
 from {{ cookiecutter.__package_name }}.runtime.consume.worker import Counters, Worker
+from {{ cookiecutter.__package_name }}.runtime.operate.demo import DemoJob as Job
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ def test_reject_retry_and_unexpected_errors(worker_env: WorkerEnv) -> None:
     attempts: dict[str, list[int]] = {}
     handled: list[str] = []
 
-    async def handler(job: Job, ctx: JobContext) -> None:
+    async def handler(job: Job, ctx: JobContext[Any]) -> None:
         attempts.setdefault(job.id, []).append(ctx.attempt)
         assert ctx.msg_id == job.id
         if job.item == "reject":

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from {{ cookiecutter.__package_name }}.job import Job
 from {{ cookiecutter.__package_name }}.runtime.consume.context import JobContext
-from {{ cookiecutter.__package_name }}.runtime.errors import describe
-from {{ cookiecutter.__package_name }}.runtime.settings import load_settings
 from {{ cookiecutter.__package_name }}.runtime.consume.worker import Worker
+from {{ cookiecutter.__package_name }}.runtime.errors import describe
+from {{ cookiecutter.__package_name }}.runtime.operate.demo import DemoJob as Job
+from {{ cookiecutter.__package_name }}.runtime.settings import load_settings
 
 FUZZ = settings(
     max_examples=300,
@@ -136,7 +136,7 @@ class RecordingWorker(Worker):
         self.handled: list[Job] = []
         self.dead: list[tuple[str, BaseException]] = []
 
-        async def handler(job: Job, ctx: JobContext) -> None:
+        async def handler(job: Job, ctx: JobContext[Any]) -> None:
             self.handled.append(job)
 
         super().__init__(load_settings(_env_file=None), Job, handler, install_signal_handlers=False)

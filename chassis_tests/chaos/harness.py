@@ -255,7 +255,7 @@ class Fleet:
         log = self.workdir / f"{instance}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", PACKAGE, "run"],
+                [sys.executable, "-m", PACKAGE, "--app", "demo", "run"],
                 env=self.env(LANE=lane, INSTANCE_ID=instance, NATS_NAME=instance, **env),
                 cwd=self.workdir,  # no developer .env is read
                 stdout=out,
@@ -296,7 +296,7 @@ class Fleet:
         self, *args: str, timeout: float = 60.0, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", PACKAGE, *args],
+            [sys.executable, "-m", PACKAGE, "--app", "demo", *args],
             input=stdin,
             env=self.env(LOG_LEVEL="WARNING"),
             cwd=self.workdir,

@@ -27,6 +27,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, RawStreamMsg, StreamInfo
 
+from {{ cookiecutter.__package_name }}.runtime.names import (
+    JOB_TYPE,
+    WORKER_NAME,
+)
 from {{ cookiecutter.__package_name }}.runtime.operate import embedded
 from {{ cookiecutter.__package_name }}.runtime.operate.embedded import (
     find_binary,
@@ -34,10 +38,6 @@ from {{ cookiecutter.__package_name }}.runtime.operate.embedded import (
 )
 from {{ cookiecutter.__package_name }}.runtime.operate.embedded import (
     free_port as free_port,  # re-exported: the tests' one free-port helper is the chassis's
-)
-from {{ cookiecutter.__package_name }}.runtime.names import (
-    JOB_TYPE,
-    WORKER_NAME,
 )
 from {{ cookiecutter.__package_name }}.runtime.settings import (
     Settings,
@@ -203,7 +203,7 @@ class WorkerProcess:
     def start(self, *args: str) -> WorkerProcess:
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", PACKAGE, "run", *args],
+                [sys.executable, "-m", PACKAGE, "--app", "demo", "run", *args],
                 env=self.env,
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
@@ -471,7 +471,7 @@ class WorkerEnv:
         timeout: float = 30.0,
     ) -> CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", PACKAGE, *args],
+            [sys.executable, "-m", PACKAGE, "--app", "demo", *args],
             env=self.environ(**(env or {})),
             cwd=self.workdir,
             input=input,

@@ -8,14 +8,15 @@ import asyncio
 import signal
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
 from worker_testkit import DURABLE, WorkerEnv, quick_connect
 
-from {{ cookiecutter.__package_name }}.job import Job
 from {{ cookiecutter.__package_name }}.runtime import JobContext
 from {{ cookiecutter.__package_name }}.runtime.consume.worker import Worker
+from {{ cookiecutter.__package_name }}.runtime.operate.demo import DemoJob as Job
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +110,7 @@ def test_delivered_but_unstarted_jobs_are_handed_back_in_process(worker_env: Wor
     async def run() -> Worker:
         worker: Worker | None = None
 
-        async def handler(job: Job, ctx: JobContext) -> None:
+        async def handler(job: Job, ctx: JobContext[Any]) -> None:
             started.append(job.id)
             if len(started) == 1:
                 assert worker is not None
