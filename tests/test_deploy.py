@@ -98,9 +98,9 @@ for lane in sys.argv[1:]:
     s = Settings(lane=lane)
     facts["lanes"][lane] = {{
         "stream": s.stream_name,
-        "consumer": s.durable,
-        "ingress_subject": s.ingress_subject,
-        "lane_filter": s.lane_filter(),
+        "consumer": s.names.durable,
+        "ingress_subject": s.names.ingress,
+        "lane_filter": s.names.lane_filter(),
         "health_port": s.health_port,
         "drain_timeout": s.drain_timeout,
     }}

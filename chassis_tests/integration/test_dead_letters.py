@@ -319,7 +319,7 @@ def test_an_entry_written_before_dlq_format_still_lists_shows_and_replays(
             (b"Nats-Msg-Id", b"dlq:OLD:7"),
         ]
     )
-    ack = raw_publish(worker_env.url, worker_env.settings().dlq_subject, b"old", block)
+    ack = raw_publish(worker_env.url, worker_env.settings().names.dlq_subject, b"old", block)
     listing = worker_env.cli_ok("dlq", "list")
     assert "élan_ключ" in listing, listing
     assert "old-1" in listing, listing

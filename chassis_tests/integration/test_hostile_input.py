@@ -345,7 +345,7 @@ def test_a_handler_that_blocks_the_event_loop_is_reported_and_its_job_completes(
             assert worker.ready.is_set(), "the worker never became ready"
             assert worker.js is not None
             await worker.js.publish(
-                settings.ingress_subject, b'{"id": "blocker-1"}', headers={"Nats-Msg-Id": "b-1"}
+                settings.names.ingress, b'{"id": "blocker-1"}', headers={"Nats-Msg-Id": "b-1"}
             )
             await asyncio.wait_for(done.wait(), 15)
             # The beat notices on its first tick after the block.

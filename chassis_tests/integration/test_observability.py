@@ -276,8 +276,8 @@ def test_trace_crosses_a_real_nats_hop(worker_env: WorkerEnv) -> None:
     assert consumer.kind == SpanKind.CONSUMER
     assert producer.context is not None
     assert consumer.context is not None
-    assert producer.name == f"send {settings.ingress_subject}"
-    assert attrs(producer)["messaging.destination.name"] == settings.ingress_subject
+    assert producer.name == f"send {settings.names.ingress}"
+    assert attrs(producer)["messaging.destination.name"] == settings.names.ingress
     # Same trace; the consumer's parent is the producer span, arriving from the wire.
     assert consumer.context.trace_id == producer.context.trace_id
     assert consumer.parent is not None
@@ -291,7 +291,7 @@ def test_trace_crosses_a_real_nats_hop(worker_env: WorkerEnv) -> None:
     assert a["messaging.destination.name"] == stored
     assert a[MSG_ID] == job.id
     assert a["messaging.nats.delivery_count"] == 1
-    assert a["messaging.consumer.group.name"] == settings.durable
+    assert a["messaging.consumer.group.name"] == settings.names.durable
     assert a["messaging.nats.stream"] == settings.stream_name
     assert a["worker.lane"] == settings.lane
     assert a["worker.version"] == VERSION

@@ -46,10 +46,10 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.stream_name == STREAM_NAME
     assert s.dlq_stream_name == f"{STREAM_NAME}_DLQ"
     assert s.lane == "v1"
-    assert s.durable == f"{WORKER_NAME}-v1"
-    assert s.ingress_subject == f"{SUBJECT_ROOT}.jobs.{JOB_TYPE}"
-    assert s.lane_filter() == f"{SUBJECT_ROOT}.v1.>"
-    assert s.dlq_subject == f"{SUBJECT_ROOT}.dlq.{JOB_TYPE}"
+    assert s.names.durable == f"{WORKER_NAME}-v1"
+    assert s.names.ingress == f"{SUBJECT_ROOT}.jobs.{JOB_TYPE}"
+    assert s.names.lane_filter() == f"{SUBJECT_ROOT}.v1.>"
+    assert s.names.dlq_subject == f"{SUBJECT_ROOT}.dlq.{JOB_TYPE}"
 
 
 @pytest.mark.parametrize(
@@ -76,8 +76,8 @@ def test_env_vars_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.backoff == [0.1, 0.2, 5.0]
     assert s.concurrency == 7
     assert s.log_level == "DEBUG"
-    assert s.durable == "custom"
-    assert s.lane_filter() == f"{SUBJECT_ROOT}.v9.>"
+    assert s.names.durable == "custom"
+    assert s.names.lane_filter() == f"{SUBJECT_ROOT}.v9.>"
 
 
 @pytest.mark.parametrize(

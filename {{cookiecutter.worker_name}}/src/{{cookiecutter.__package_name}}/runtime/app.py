@@ -48,7 +48,7 @@ async def _poll_backlog(worker: Worker, settings: Settings, telemetry: Telemetry
     assert worker.js is not None
     while True:
         try:
-            info = await worker.js.consumer_info(settings.stream_name, settings.durable)
+            info = await worker.js.consumer_info(settings.stream_name, settings.names.durable)
             telemetry.backlog["pending"] = int(info.num_pending or 0)
             telemetry.backlog["unacked"] = int(info.num_ack_pending or 0)
         except Exception as exc:  # disconnected: keep the last values

@@ -61,7 +61,7 @@ def connect_options(settings: Settings) -> dict[str, Any]:
         "ping_interval": settings.nats_ping_interval,
         "max_outstanding_pings": settings.nats_max_outstanding_pings,
         # A private reply prefix, so least-privilege accounts can deny other workers' inboxes.
-        "inbox_prefix": f"_INBOX.{WORKER_NAME}",
+        "inbox_prefix": settings.names.inbox_prefix,
     }
     if settings.nats_user:
         opts["user"] = settings.nats_user

@@ -134,14 +134,14 @@ class Producer:
 
     async def publish(self, job: BaseModel) -> PubAck:
         data, headers = encode(job)
-        subject = self.settings.ingress_subject
+        subject = self.settings.names.ingress
         if self.telemetry is None:
             return await publish_patiently(self.js, subject, data, headers)
         with self.telemetry.producing(subject, headers):
             return await publish_patiently(self.js, subject, data, headers)
 
     async def publish_all(self, jobs: Sequence[BaseModel]) -> list[PubAck]:
-        subject = self.settings.ingress_subject
+        subject = self.settings.names.ingress
         if self.telemetry is None:
             return await publish_many(self.js, ((subject, *encode(job)) for job in jobs))
         return list(await asyncio.gather(*(self.publish(job) for job in jobs)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -19,7 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .. import __version__
 from .errors import ConfigError
-from .names import JOB_TYPE, STREAM_NAME, SUBJECT_ROOT, WORKER_NAME
+from .names import JOB_TYPE, STREAM_NAME, SUBJECT_ROOT
+from .naming import Names
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -232,31 +234,10 @@ class Settings(BaseSettings):
             raise ValueError("STREAM_NAME and DLQ_STREAM_NAME must differ")
         return self
 
-    # Derived names: computed once; the hot path never formats strings.
-    @property
-    def durable(self) -> str:
-        return self.consumer_name or f"{WORKER_NAME}-{self.lane}"
-
-    @property
-    def ingress_subject(self) -> str:
-        """Where producers publish. Never contains a version: routing happens in the stream."""
-        return f"{self.subject_root}.jobs.{self.job_type}"
-
-    @property
-    def ingress_filter(self) -> str:
-        return f"{self.subject_root}.jobs.>"
-
-    def lane_filter(self, lane: str | None = None) -> str:
-        """Stored subjects of a lane: the stream rewrites ``<root>.jobs.>`` to this."""
-        return f"{self.subject_root}.{lane or self.lane}.>"
-
-    @property
-    def dlq_subject(self) -> str:
-        return f"{self.subject_root}.dlq.{self.job_type}"
-
-    @property
-    def dlq_filter(self) -> str:
-        return f"{self.subject_root}.dlq.>"
+    @cached_property
+    def names(self) -> Names:
+        """Every NATS name (streams, consumers, subjects, buckets): see ``naming.py``."""
+        return Names.of(self)
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:

@@ -106,7 +106,7 @@ class WorkerUnderTest:
             serve(self.settings, app, install_signal_handlers=False, on_worker=workers.append)
         )
         self._nc = await connect(self.settings)
-        await self._nc.subscribe(self.settings.dlq_subject, cb=self._on_dead_letter)
+        await self._nc.subscribe(self.settings.names.dlq_subject, cb=self._on_dead_letter)
         deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
         while not workers or not workers[0].ready.is_set():  # serve() has no "ready" callback
             if self._task.done():  # the start failed: raise its error here
@@ -173,7 +173,7 @@ class WorkerUnderTest:
         msg_id = msg_id or uuid.uuid4().hex
         outcome = self._outcomes.setdefault(msg_id, Outcome())
         js = self._nc.jetstream()
-        await publish_patiently(js, self.settings.ingress_subject, data, {"Nats-Msg-Id": msg_id})
+        await publish_patiently(js, self.settings.names.ingress, data, {"Nats-Msg-Id": msg_id})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(outcome.settled.wait(), wait)
         return outcome

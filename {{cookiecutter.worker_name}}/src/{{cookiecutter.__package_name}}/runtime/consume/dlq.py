@@ -388,7 +388,7 @@ async def publish_entry(
     headers, body = planned.head
     if sequences:
         headers = {**headers, H_PARTS: ",".join(sequences)}
-    ack = await js.publish(settings.dlq_subject, body, headers=headers, timeout=5.0)
+    ack = await js.publish(settings.names.dlq_subject, body, headers=headers, timeout=5.0)
     return int(ack.seq)
 
 
@@ -625,7 +625,7 @@ async def iter_dead_letters(
     seq, last = info.state.first_seq, info.state.last_seq
     seen = 0
     while seq and seq <= last and (limit is None or seen < limit):
-        stored = await get_stored(js, settings.dlq_stream_name, seq, next_on=settings.dlq_subject)
+        stored = await get_stored(js, settings.dlq_stream_name, seq, next_on=settings.names.dlq_subject)
         if stored is None or stored.seq > last:
             return
         seq = stored.seq + 1
@@ -723,7 +723,7 @@ async def replay(
     letter's original trace, so the failed run and the replayed run lead to each other. The span
     covers preparing the message; the publishes themselves are pipelined afterwards.
     """
-    subject = settings.ingress_subject
+    subject = settings.names.ingress
     nc = _nc(js)
     plain: list[tuple[str, bytes, dict[str, str] | None]] = []
     plain_entries: list[tuple[DeadLetter, bytes]] = []
@@ -801,7 +801,7 @@ async def purge(js: JetStreamContext, settings: Settings) -> int:
 
 def part_subject(settings: Settings) -> str:
     """Where parts go: inside the DLQ stream, apart from the entries (``dlq list`` skips it)."""
-    return f"{settings.dlq_subject}.part"
+    return f"{settings.names.dlq_subject}.part"
 
 
 class MaxDeliveriesRescue:
@@ -821,7 +821,7 @@ class MaxDeliveriesRescue:
     @property
     def subject(self) -> str:
         s = self.settings
-        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.stream_name}.{s.durable}"
+        return s.names.max_deliveries_advisory()
 
     async def on_advisory(self, msg: Msg) -> None:
         try:

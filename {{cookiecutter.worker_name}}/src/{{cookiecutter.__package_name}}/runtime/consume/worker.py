@@ -218,13 +218,13 @@ class Worker:
                 for line in report.lines():
                     log.info("provision: %s", line)
             psub = await self.js.pull_subscribe_bind(
-                durable=self.settings.durable, stream=self.settings.stream_name
+                durable=self.settings.names.durable, stream=self.settings.stream_name
             )
             log.info(
                 "started %s lane=%s consumer=%s concurrency=%d",
                 __version__,
                 self.settings.lane,
-                self.settings.durable,
+                self.settings.names.durable,
                 self.settings.concurrency,
             )
             for hook in self.started_hooks:

@@ -47,14 +47,6 @@ ROUTE_KEY = "route"
 MOVED_FROM = "Moved-From-Lane"
 
 
-def route_bucket(settings: Settings) -> str:
-    return f"{settings.stream_name}_ROUTE"
-
-
-def consumer_for(lane: str) -> str:
-    return f"{WORKER_NAME}-{lane}"
-
-
 @dataclass(frozen=True)
 class RouteChange:
     """One entry of the route history."""
@@ -80,7 +72,7 @@ async def ensure_route_bucket(js: JetStreamContext, settings: Settings) -> bool:
     return await ensure_bucket(
         js,
         KeyValueConfig(
-            bucket=route_bucket(settings),
+            bucket=settings.names.route_bucket,
             history=64,
             storage=StorageType.FILE,
             replicas=settings.stream_replicas,
@@ -90,13 +82,13 @@ async def ensure_route_bucket(js: JetStreamContext, settings: Settings) -> bool:
 
 
 async def record(js: JetStreamContext, settings: Settings, change: RouteChange) -> None:
-    kv = await js.key_value(route_bucket(settings))
+    kv = await js.key_value(settings.names.route_bucket)
     await kv.put(ROUTE_KEY, json.dumps(asdict(change)).encode())
 
 
 async def record_first(js: JetStreamContext, settings: Settings, change: RouteChange) -> None:
     """Record the initial route once, even when several instances provision at the same time."""
-    kv = await js.key_value(route_bucket(settings))
+    kv = await js.key_value(settings.names.route_bucket)
     with contextlib.suppress(KeyWrongLastSequenceError):
         await kv.create(ROUTE_KEY, json.dumps(asdict(change)).encode())
 
@@ -104,9 +96,21 @@ async def record_first(js: JetStreamContext, settings: Settings, change: RouteCh
 async def history(js: JetStreamContext, settings: Settings) -> list[RouteChange]:
     """Oldest first; empty when nothing was recorded yet."""
     try:
-        kv = await js.key_value(route_bucket(settings))
-        entries = await kv.history(ROUTE_KEY)
-    except (BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError):
+        kv = await js.key_value(settings.names.route_bucket)
+    except (BucketNotFoundError, NotFoundError):
+        return []
+    for _ in range(3):
+        try:
+            entries = await kv.history(ROUTE_KEY)
+            break
+        except NoKeysError:
+            # nats-py's watcher can report "no keys" when its consumer's first info races the
+            # stored entries (seen on a loaded machine); only a missing key makes that true.
+            try:
+                await kv.get(ROUTE_KEY)
+            except (KeyNotFoundError, NotFoundError):
+                return []
+    else:
         return []
     changes = []
     for entry in entries:
@@ -122,6 +126,26 @@ async def history(js: JetStreamContext, settings: Settings) -> list[RouteChange]
 
 async def current_lane(js: JetStreamContext, settings: Settings) -> str | None:
     return lane_of(await js.stream_info(settings.stream_name), settings)
+
+
+async def lane_consumer(js: JetStreamContext, settings: Settings, lane: str) -> str | None:
+    """The durable that consumes ``lane``, as the server knows it; None when there is none.
+
+    Found by what it consumes (its filter, or the lane in its metadata), not by a computed name,
+    so a lane whose instances run with their own ``CONSUMER_NAME`` is found too.
+    """
+    wanted = settings.names.lane_filter(lane)
+    default = settings.names.consumer(lane)
+    found: str | None = None
+    for ci in await patiently(
+        lambda: js.consumers_info(settings.stream_name), "listing the consumers"
+    ):
+        config = ci.config
+        if config.filter_subject == wanted or (config.metadata or {}).get("lane") == lane:
+            if ci.name == default:
+                return ci.name
+            found = found or ci.name
+    return found
 
 
 @dataclass
@@ -165,14 +189,11 @@ async def switch(
                 f"no live instance of lane {target}: start workers with LANE={target} first "
                 "(or pass --force to route anyway; jobs then wait in the stream)"
             )
-    try:
-        await js.consumer_info(settings.stream_name, consumer_for(target))
-    except NotFoundError:
-        if not force:
-            raise RouteRefusedError(
-                f"lane {target} has no consumer {consumer_for(target)}: start a worker with "
-                f"LANE={target} (it provisions its consumer) or pass --force"
-            ) from None
+    if await lane_consumer(js, settings, target) is None and not force:
+        raise RouteRefusedError(
+            f"lane {target} has no consumer on stream {settings.stream_name}: start a worker "
+            f"with LANE={target} (it provisions its consumer) or pass --force"
+        )
     config = info.config
     config.subject_transform = route_transform(settings, target)
     await patiently(lambda: js.update_stream(config), "switching the route")  # idempotent
@@ -203,12 +224,6 @@ async def patiently(call: Callable[[], Awaitable[T]], what: str) -> T:
     return await retry(call, patience=ROUTE_PATIENCE, should_retry=election, between=note_retry)
 
 
-def _ingress_subject(settings: Settings, stored: str, lane: str) -> str:
-    prefix = f"{settings.subject_root}.{lane}."
-    suffix = stored[len(prefix) :] if stored.startswith(prefix) else settings.job_type
-    return f"{settings.subject_root}.jobs.{suffix}"
-
-
 async def move_backlog(
     nc: Client, settings: Settings, lane: str, *, within: float = 60.0
 ) -> tuple[int, int]:
@@ -221,7 +236,10 @@ async def move_backlog(
     Returns (moved, still in flight on that lane's workers).
     """
     js = nc.jetstream()
-    durable = consumer_for(lane)
+    durable = await lane_consumer(js, settings, lane)
+    if durable is None:
+        log.warning("lane %s has no consumer: no backlog to move", lane)
+        return 0, 0
     psub = await js.pull_subscribe_bind(durable=durable, stream=settings.stream_name)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
@@ -245,7 +263,9 @@ async def move_backlog(
                 headers.update(
                     {"Job-Id": job_id, MOVED_FROM: lane, "Nats-Msg-Id": f"{job_id}:moved:{seq}"}
                 )
-                outgoing.append((_ingress_subject(settings, msg.subject, lane), msg.data, headers))
+                outgoing.append(
+                    (settings.names.ingress_for_stored(msg.subject, lane), msg.data, headers)
+                )
             await publish_many(js, outgoing)
             for msg in msgs:
                 await msg.ack()

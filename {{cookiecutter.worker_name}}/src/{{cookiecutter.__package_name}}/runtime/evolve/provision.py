@@ -6,7 +6,7 @@ from nats.js import JetStreamContext
 
 from ..settings import Settings
 from .lanes import RouteChange, ensure_route_bucket, record_first
-from .registry import ensure_registry_bucket, registry_bucket
+from .registry import ensure_registry_bucket
 from .topology import (
     ProvisionReport,
     dlq_config,
@@ -29,5 +29,5 @@ async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport
     if report.route:
         await record_first(js, settings, RouteChange.now(report.route, None, "stream created"))
     if await ensure_registry_bucket(js, settings):
-        report.created.append(f"bucket {registry_bucket(settings)}")
+        report.created.append(f"bucket {settings.names.registry_bucket}")
     return report

@@ -40,16 +40,12 @@ log = logging.getLogger(__name__)
 Snapshot = Callable[[], dict[str, Any]]
 
 
-def registry_bucket(settings: Settings) -> str:
-    return f"{settings.stream_name}_INSTANCES"
-
-
 async def ensure_registry_bucket(js: JetStreamContext, settings: Settings) -> bool:
     """Create the heartbeat bucket if missing; True when it was created."""
     return await ensure_bucket(
         js,
         KeyValueConfig(
-            bucket=registry_bucket(settings),
+            bucket=settings.names.registry_bucket,
             history=1,
             ttl=settings.instance_ttl,
             storage=StorageType.MEMORY if settings.stream_replicas == 1 else StorageType.FILE,
@@ -87,16 +83,16 @@ class Registry:
         )
         await self._service.add_endpoint(
             name="status",
-            subject=f"{self.settings.subject_root}.instances.{self.instance}",
+            subject=self.settings.names.instance_subject(self.instance),
             handler=self._answer_status,
             metadata={"lane": self.settings.lane},
         )
         try:
-            self._kv = await self.nc.jetstream().key_value(registry_bucket(self.settings))
+            self._kv = await self.nc.jetstream().key_value(self.settings.names.registry_bucket)
         except BucketNotFoundError:
             log.warning(
                 "heartbeat bucket %s missing: run 'provision'; heartbeats are off",
-                registry_bucket(self.settings),
+                self.settings.names.registry_bucket,
             )
         await self.beat()
         self._task = asyncio.create_task(self._loop())
@@ -194,7 +190,7 @@ async def discover(
 async def heartbeats(js: JetStreamContext, settings: Settings) -> list[dict[str, Any]]:
     """The latest heartbeat of every instance seen within ``INSTANCE_TTL``."""
     try:
-        kv = await js.key_value(registry_bucket(settings))
+        kv = await js.key_value(settings.names.registry_bucket)
         keys = await kv.keys()
     except (BucketNotFoundError, NoKeysError, NotFoundError):
         return []

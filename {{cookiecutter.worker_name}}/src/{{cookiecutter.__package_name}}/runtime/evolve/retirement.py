@@ -55,7 +55,7 @@ class LaneWatcher:
 
     async def start(self) -> None:
         js = self.nc.jetstream()
-        subject = f"$JS.EVENT.ADVISORY.STREAM.UPDATED.{self.settings.stream_name}"
+        subject = self.settings.names.stream_updated_advisory
         self._sub = await self.nc.subscribe(subject, cb=self._on_advisory)
         lanes_ever = {change.lane for change in await history(js, self.settings)}
         self.current = await current_lane(js, self.settings)
@@ -116,7 +116,7 @@ class LaneWatcher:
                 current,
             )
             self.worker.retiring = True
-        info = await js.consumer_info(self.settings.stream_name, self.settings.durable)
+        info = await js.consumer_info(self.settings.stream_name, self.settings.names.durable)
         idle = not info.num_pending and not info.num_ack_pending and not self.worker.in_flight
         now = asyncio.get_running_loop().time()
         if not idle:

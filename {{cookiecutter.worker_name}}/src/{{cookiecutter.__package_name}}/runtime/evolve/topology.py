@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 
 def route_transform(settings: Settings, lane: str) -> SubjectTransform:
-    return SubjectTransform(src=settings.ingress_filter, dest=settings.lane_filter(lane))
+    return SubjectTransform(
+        src=settings.names.ingress_filter, dest=settings.names.lane_filter(lane)
+    )
 
 
 def lane_of(info: StreamInfo, settings: Settings) -> str | None:
@@ -48,18 +50,14 @@ def lane_of(info: StreamInfo, settings: Settings) -> str | None:
     transform = info.config.subject_transform
     if transform is None:
         return None
-    prefix = f"{settings.subject_root}."
-    dest = transform.dest
-    if dest.startswith(prefix) and dest.endswith(".>"):
-        return dest[len(prefix) : -2]
-    return None
+    return settings.names.lane_of_route(transform.dest)
 
 
 def stream_config(settings: Settings, lane: str) -> StreamConfig:
     return StreamConfig(
         name=settings.stream_name,
         description=f"{WORKER_NAME} work queue",
-        subjects=[settings.ingress_filter],
+        subjects=[settings.names.ingress_filter],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         num_replicas=settings.stream_replicas,
@@ -73,7 +71,7 @@ def dlq_config(settings: Settings) -> StreamConfig:
     return StreamConfig(
         name=settings.dlq_stream_name,
         description=f"{WORKER_NAME} dead letters",
-        subjects=[settings.dlq_filter],
+        subjects=[settings.names.dlq_filter],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         num_replicas=settings.stream_replicas,
@@ -104,9 +102,9 @@ def consumer_config(settings: Settings, lane: str | None = None) -> ConsumerConf
     lane = lane or settings.lane
     backoff = consumer_backoff(settings)
     return ConsumerConfig(
-        durable_name=settings.durable if lane == settings.lane else f"{WORKER_NAME}-{lane}",
+        durable_name=settings.names.consumer(lane),
         description=f"{WORKER_NAME} lane {lane}",
-        filter_subject=settings.lane_filter(lane),
+        filter_subject=settings.names.lane_filter(lane),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait,

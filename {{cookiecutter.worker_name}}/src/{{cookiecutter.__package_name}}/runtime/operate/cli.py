@@ -152,11 +152,9 @@ async def _demo(
         return
     async with Producer(settings, worker.nc, telemetry=worker.telemetry) as producer:
         # A malformed payload first: it goes straight to the dead-letter queue, never retried.
-        await publish_many(producer.js, [(settings.ingress_subject, b'{"id": 42', None)])
+        await publish_many(producer.js, [(settings.names.ingress, b'{"id": 42', None)])
         await producer.publish_all(jobs)
-    log.info(
-        "demo: published %d jobs and 1 malformed payload to %s", count, settings.ingress_subject
-    )
+    log.info("demo: published %d jobs and 1 malformed payload to %s", count, settings.names.ingress)
     await done.wait()
     c = worker.counters
     log.info(
@@ -266,7 +264,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         async with Producer(settings, telemetry=telemetry) as producer:
             if args.raw:  # bytes as given: for testing the DLQ path with bad payloads
                 headers = {"Nats-Msg-Id": args.msg_id} if args.msg_id else None
-                acks = await publish_many(producer.js, [(settings.ingress_subject, data, headers)])
+                acks = await publish_many(producer.js, [(settings.names.ingress, data, headers)])
             else:
                 acks = await producer.publish_all(jobs)
         if not acks:
@@ -275,7 +273,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             telemetry.shutdown()
         dups = sum(1 for a in acks if a.duplicate)
         print(
-            f"published {len(acks) - dups} job(s) to {settings.ingress_subject}"
+            f"published {len(acks) - dups} job(s) to {settings.names.ingress}"
             + (f" ({dups} duplicate(s) dropped by the stream)" if dups else "")
         )
         return EXIT_OK
@@ -411,7 +409,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             finally:
                 if telemetry is not None:
                     telemetry.shutdown()
-            print(f"replayed {count} job(s) to {settings.ingress_subject}")
+            print(f"replayed {count} job(s) to {settings.names.ingress}")
         elif args.dlq_command == "purge":
             if not args.yes:
                 raise InputError("purging deletes every DLQ entry for good: add --yes")

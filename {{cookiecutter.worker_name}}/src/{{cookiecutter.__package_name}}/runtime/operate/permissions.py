@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import json
 
-from ..evolve.lanes import route_bucket
-from ..evolve.registry import registry_bucket
 from ..names import WORKER_NAME
 from ..settings import Settings
-
-
-def inbox_prefix() -> str:
-    return f"_INBOX.{WORKER_NAME}"
 
 
 def subjects(settings: Settings) -> dict[str, list[str]]:
     """Publish and subscribe allow-lists; everything else is denied."""
     stream, dlq = settings.stream_name, settings.dlq_stream_name
-    kv = [f"KV_{route_bucket(settings)}", f"KV_{registry_bucket(settings)}"]
+    kv = [f"KV_{settings.names.route_bucket}", f"KV_{settings.names.registry_bucket}"]
     api = "$JS.API"
     # STREAM.NAMES: publish_patiently asks which stream stores a subject during an election
     publish = [f"{api}.INFO", f"{api}.STREAM.NAMES"]
@@ -49,16 +43,16 @@ def subjects(settings: Settings) -> dict[str, list[str]]:
             f"{api}.DIRECT.GET.{name}.>",
             f"{api}.STREAM.MSG.GET.{name}",
         ]
-    publish += [f"$KV.{route_bucket(settings)}.>", f"$KV.{registry_bucket(settings)}.>"]
+    publish += [f"$KV.{settings.names.route_bucket}.>", f"$KV.{settings.names.registry_bucket}.>"]
     publish += [
         f"$JS.ACK.{stream}.>",
-        f"$JS.ACK.KV_{route_bucket(settings)}.>",
-        f"$JS.ACK.KV_{registry_bucket(settings)}.>",
+        f"$JS.ACK.KV_{settings.names.route_bucket}.>",
+        f"$JS.ACK.KV_{settings.names.registry_bucket}.>",
     ]
-    publish += [settings.ingress_filter, settings.dlq_filter]
+    publish += [settings.names.ingress_filter, settings.names.dlq_filter]
     publish += [f"$SRV.{verb}.{WORKER_NAME}" for verb in ("PING", "INFO", "STATS")]
     subscribe = [
-        f"{inbox_prefix()}.>",
+        f"{settings.names.inbox_prefix}.>",
         f"{settings.subject_root}.instances.>",
         f"$JS.EVENT.ADVISORY.STREAM.UPDATED.{stream}",
         f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.>",

@@ -25,7 +25,7 @@ def lane_state(lane: str, current: str | None, ever_current: set[str], backlog: 
 
 async def collect(nc: Client, settings: Settings) -> dict[str, Any]:
     js = nc.jetstream()
-    report: dict[str, Any] = {"stream": settings.stream_name, "ingress": settings.ingress_subject}
+    report: dict[str, Any] = {"stream": settings.stream_name, "ingress": settings.names.ingress}
     try:
         info = await js.stream_info(settings.stream_name)
     except NotFoundError:
