@@ -368,9 +368,11 @@ class LoadPublisher:
         prefix: str = "job",
         max_in_flight: int = 512,
         max_duration: float = 120.0,
+        keyed: bool = False,
     ) -> None:
         self.url = url
         self.subject = subject
+        self.keyed = keyed  # publish to <ingress>.<job id>, as the chassis's producer does
         self.rate = rate
         self.max_duration = max_duration
         self.work_seconds = work_seconds
@@ -465,9 +467,8 @@ class LoadPublisher:
             data = json.dumps({"id": job_id, "work_seconds": self.work_seconds}).encode()
             started = time.monotonic()
             try:
-                ack = await js.publish(
-                    self.subject, data, headers={"Nats-Msg-Id": job_id}, timeout=10
-                )
+                subject = f"{self.subject}.{job_id}" if self.keyed else self.subject
+                ack = await js.publish(subject, data, headers={"Nats-Msg-Id": job_id}, timeout=10)
             except Exception as exc:
                 self.errors.append(f"{job_id}: {exc!r}")
             else:

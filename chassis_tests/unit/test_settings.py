@@ -48,7 +48,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.lane == "v1"
     assert s.names.durable == f"{WORKER_NAME}-v1"
     assert s.names.ingress == f"{SUBJECT_ROOT}.jobs.{JOB_TYPE}"
-    assert s.names.lane_filter() == f"{SUBJECT_ROOT}.v1.>"
+    assert s.names.stream_subjects == [s.names.ingress, f"{s.names.ingress}.*"]
+    assert s.names.keyed_ingress("A-1") == f"{SUBJECT_ROOT}.jobs.{JOB_TYPE}.A-1"
     assert s.names.dlq_subject == f"{SUBJECT_ROOT}.dlq.{JOB_TYPE}"
 
 
@@ -77,7 +78,8 @@ def test_env_vars_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.concurrency == 7
     assert s.log_level == "DEBUG"
     assert s.names.durable == "custom"
-    assert s.names.lane_filter() == f"{SUBJECT_ROOT}.v9.>"
+    assert s.names.consumer("v9") == "custom"  # CONSUMER_NAME names this instance's lane
+    assert s.names.consumer("v1") == f"{WORKER_NAME}-v1"
 
 
 @pytest.mark.parametrize(

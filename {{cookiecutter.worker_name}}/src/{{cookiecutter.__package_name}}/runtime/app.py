@@ -144,7 +144,9 @@ async def _serve_worker(
                 telemetry.observe(worker.counters.as_dict, lambda: worker.in_flight)
                 poller = asyncio.create_task(_poll_backlog(worker, settings, telemetry))
                 worker.closing_hooks.append(_cancel(poller))
-        registry = Registry(worker.nc, settings, snapshot)
+        registry = Registry(
+            worker.nc, settings, snapshot, ready=worker.ready, samples=lambda: worker.recent
+        )
         await registry.start()
         worker.closing_hooks.append(registry.stop)
         rescue = MaxDeliveriesRescue(worker.nc.jetstream(), settings)

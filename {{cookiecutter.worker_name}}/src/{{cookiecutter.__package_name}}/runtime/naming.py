@@ -4,21 +4,41 @@ Streams, consumers, subjects, KV buckets, the micro service and the inbox prefix
 :class:`Names` (``settings.names``), so a setting such as ``CONSUMER_NAME`` or ``STREAM_NAME`` is
 honoured by every command and by the worker alike.
 
-The subject layout (``<root>`` is ``SUBJECT_ROOT``, ``<type>`` is ``JOB_TYPE``)::
+The subject layout (``<root>`` is ``SUBJECT_ROOT``, ``<type>`` is ``JOB_TYPE``). Any number of
+workers may share a root: each stream owns only its own job type's subjects::
 
-    <root>.jobs.<type>            ingress: what producers publish to; never names a version
-    <root>.<lane>.>               stored: the stream's subject transform rewrites the ingress
-                                  to the current lane's subjects (the route)
+    <root>.jobs.<type>[.<key>]    ingress: what producers publish to; never names a version.
+                                  The optional key (by default the job id) makes routing sticky.
+    <root>.<type>.g<gen>.<p10>.<p100>.<r1>.<r2>.<type>[.<key>]
+                                  stored: the stream's subject transform stamps each job with
+                                  the route generation and its bucket (see ``evolve/split.py``);
+                                  lane consumers own buckets through their filters
+    <root>.<lane>.>               stored by the template's layout before generations (legacy),
+                                  drained by that lane's consumer until it is empty
     <root>.dlq.<type>             dead letters
     <root>.instances.<instance>   each instance's status endpoint (micro service)
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .names import WORKER_NAME
+
+_TOKEN_SAFE = re.compile(r"^[A-Za-z0-9_=-]{1,64}$")
+# nats-server's transform functions are written in double braces; spelled out here because this
+# file is part of a cookiecutter template, which would read them as its own placeholders.
+_OPEN, _CLOSE = "{" * 2, "}" * 2
+
+
+def _fn(call: str) -> str:
+    """A subject-transform function token, e.g. partition(10) in double braces."""
+    return f"{_OPEN}{call}{_CLOSE}"
+
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -71,35 +91,71 @@ class Names:
         """Where producers publish. Never contains a version: routing happens in the stream."""
         return f"{self.root}.jobs.{self.job_type}"
 
+    def keyed_ingress(self, key: str) -> str:
+        """The ingress with a routing key: the same key always lands on the same lane."""
+        return f"{self.ingress}.{key_token(key)}"
+
+    @property
+    def stream_subjects(self) -> list[str]:
+        """What the work stream captures: this job type only, keyed or not."""
+        return [self.ingress, f"{self.ingress}.*"]
+
     @property
     def ingress_filter(self) -> str:
-        """The work stream's subjects, and the route transform's source."""
+        """The route transform's source (the stream applies it only to what it captured)."""
         return f"{self.root}.jobs.>"
 
-    def lane_filter(self, lane: str | None = None) -> str:
-        """Stored subjects of a lane: the route transform rewrites the ingress to these."""
-        return f"{self.root}.{lane or self.lane}.>"
+    def generation_prefix(self, gen: int) -> str:
+        return f"{self.root}.{self.job_type}.g{gen}"
 
-    def lane_of_route(self, dest: str) -> str | None:
-        """The lane a route transform's destination points at (inverse of lane_filter)."""
+    def route_dest(self, gen: int) -> str:
+        """The route transform's destination for generation ``gen``."""
+        return (
+            f"{self.generation_prefix(gen)}."
+            f"{_fn('partition(10)')}.{_fn('partition(100)')}.{_fn('random(10)')}."
+            f"{_fn('random(10)')}.>"
+        )
+
+    def gen_of_route(self, dest: str) -> int | None:
+        """The generation a route destination stamps; None for another layout."""
+        prefix = f"{self.root}.{self.job_type}.g"
+        head = dest.split("." + _OPEN, 1)[0]
+        number = head[len(prefix) :]
+        return int(number) if head.startswith(prefix) and number.isdigit() else None
+
+    def legacy_lane_filter(self, lane: str) -> str:
+        """Where the layout before generations stored a lane's jobs."""
+        return f"{self.root}.{lane}.>"
+
+    def legacy_lane_of_route(self, dest: str) -> str | None:
+        """The lane a route destination of the layout before generations points at."""
         prefix = f"{self.root}."
-        if dest.startswith(prefix) and dest.endswith(".>"):
-            return dest[len(prefix) : -2]
+        if dest.startswith(prefix) and dest.endswith(".>") and _OPEN not in dest:
+            lane = dest[len(prefix) : -2]
+            return lane if "." not in lane else None
         return None
 
-    def ingress_for_stored(self, stored: str, lane: str) -> str:
-        """The ingress subject a job stored on ``lane`` was published to (for moving it)."""
-        prefix = f"{self.root}.{lane}."
-        suffix = stored[len(prefix) :] if stored.startswith(prefix) else self.job_type
-        return f"{self.root}.jobs.{suffix}"
+    def parked_filter(self, lane: str) -> str:
+        """A filter nothing is stored under: a lane without buckets still needs one."""
+        return f"{self.root}.{self.job_type}.parked.{lane}"
+
+    def ingress_for_stored(self, stored: str) -> str:
+        """The ingress subject a stored job was published to (for moving or replaying it)."""
+        tokens = stored.split(".")
+        if stored.startswith(f"{self.root}.{self.job_type}.g") and len(tokens) >= 8:
+            return ".".join([self.root, "jobs", *tokens[7:]])
+        if len(tokens) >= 3 and tokens[0] == self.root:  # legacy <root>.<lane>.<type>[.<key>]
+            return ".".join([self.root, "jobs", *tokens[2:]])
+        return self.ingress
 
     @property
     def dlq_subject(self) -> str:
         return f"{self.root}.dlq.{self.job_type}"
 
     @property
-    def dlq_filter(self) -> str:
-        return f"{self.root}.dlq.>"
+    def dlq_subjects(self) -> list[str]:
+        """What the DLQ stream captures: this job type's dead letters only."""
+        return [self.dlq_subject]
 
     def instance_subject(self, instance: str) -> str:
         return f"{self.root}.instances.{instance}"
@@ -136,3 +192,14 @@ class Names:
     def service(self) -> str:
         """The NATS micro service every instance registers under."""
         return self.worker
+
+
+def key_token(key: str) -> str:
+    """A routing key as one subject token: itself when it is a plain token, else its base64url
+    (or, for a long key, a digest). Deterministic, so one key always lands in one bucket."""
+    if _TOKEN_SAFE.match(key):
+        return key
+    encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+    if len(encoded) <= 64:
+        return f"b64-{encoded}"
+    return "sha-" + hashlib.sha256(key.encode()).hexdigest()[:40]

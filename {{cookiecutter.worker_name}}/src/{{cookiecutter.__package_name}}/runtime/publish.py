@@ -1,8 +1,9 @@
 """Publishing jobs: one helper for the CLI and for Python producers.
 
 Every job is published with ``Nats-Msg-Id`` set to its id, so publishing the same job twice
-within the stream's duplicate window stores it once. Bulk paths keep many publishes in flight
-instead of paying a round trip per message.
+within the stream's duplicate window stores it once, and to ``<root>.jobs.<type>.<id>``, so the
+id is its routing key: during a ramp the same job always lands on the same lane. Bulk paths
+keep many publishes in flight instead of paying a round trip per message.
 """
 
 from __future__ import annotations
@@ -132,16 +133,24 @@ class Producer:
             raise RuntimeError("use 'async with Producer(settings)' before publishing")
         return self._nc.jetstream()
 
-    async def publish(self, job: BaseModel) -> PubAck:
+    def subject_for(self, job: BaseModel, key: str | None = None) -> str:
+        """The ingress with the job's routing key: ``key``, else its id (sticky ramps)."""
+        key = key if key is not None else getattr(job, "id", None)
+        names = self.settings.names
+        return names.keyed_ingress(str(key)) if key else names.ingress
+
+    async def publish(self, job: BaseModel, key: str | None = None) -> PubAck:
+        """Publish one job; ``key`` (default: its id) decides its lane during a ramp."""
         data, headers = encode(job)
-        subject = self.settings.names.ingress
+        subject = self.subject_for(job, key)
         if self.telemetry is None:
             return await publish_patiently(self.js, subject, data, headers)
         with self.telemetry.producing(subject, headers):
             return await publish_patiently(self.js, subject, data, headers)
 
     async def publish_all(self, jobs: Sequence[BaseModel]) -> list[PubAck]:
-        subject = self.settings.names.ingress
         if self.telemetry is None:
-            return await publish_many(self.js, ((subject, *encode(job)) for job in jobs))
+            return await publish_many(
+                self.js, ((self.subject_for(job), *encode(job)) for job in jobs)
+            )
         return list(await asyncio.gather(*(self.publish(job) for job in jobs)))

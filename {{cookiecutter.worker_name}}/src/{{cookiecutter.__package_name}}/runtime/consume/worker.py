@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import signal
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,7 @@ PULL_EXPIRES = 30.0  # a pull request stays open this long on an idle stream
 REFUSED_BACKOFF_MAX = 1.0  # longest pause after the server refused a pull request
 PULL_HEARTBEAT = 1.0  # the server pings an idle request this often (silence: 3 of them)
 _NS = 1_000_000_000
+SAMPLE_MASK = 15  # handling times are sampled every SAMPLE_MASK + 1 jobs
 
 
 @dataclass
@@ -127,6 +129,7 @@ class Worker:
         self.handler = handler
         self.install_signal_handlers = install_signal_handlers
         self.counters = Counters()
+        self.recent: deque[float] = deque(maxlen=256)  # sampled handling times (seconds)
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.stop_reason: str | None = None
@@ -481,7 +484,7 @@ class Worker:
             job = self.job_model.model_validate_json(msg.data)
         except Exception as exc:  # ValidationError, or e.g. a recursion limit: never retryable
             return await self._dead_letter(msg, "invalid", exc), exc
-        slot.handler_since = slot.progress_at = loop.time()
+        started = slot.handler_since = slot.progress_at = loop.time()
         error: Exception | None = None
         try:
             await self.handler(job, self._context(msg))
@@ -507,6 +510,8 @@ class Worker:
             return await self._failed(msg, error), error
         await msg.ack()
         self.counters.processed += 1
+        if not self.counters.processed & SAMPLE_MASK:  # every 16th job: status's p50/p95
+            self.recent.append(loop.time() - started)
         if self._log_jobs:
             log.debug("job done", extra=_job_fields(msg))
         return None

@@ -1,11 +1,10 @@
-"""Release lanes and the route: which lane new work lands on, and how it moves.
+"""Release lanes and the route: which lanes new work lands on, and how it moves.
 
-The route *is* the work stream's subject transform (``<root>.jobs.>`` -> ``<root>.<lane>.>``), so
-switching it is one atomic ``update_stream`` on the server and producers never notice. Each
-stored message keeps the lane it landed on, so an old lane drains exactly its own backlog.
-
-A small KV bucket keeps the history of switches (when, from what, to what, by whom); the stream
-config stays the source of truth for the current lane.
+The route is the work stream's subject transform plus each lane consumer's filters, driven by the
+route state in KV (see ``routing.py``): ``route v2`` sends all new work to lane v2, ``route v2
+--percent 10`` a sticky 10 % of it, by job key. Each stored message keeps the generation and bucket
+it landed in, so an old lane drains exactly its own backlog and a ramp step never moves stored
+work. The same KV bucket keeps the history of changes (when, from what, to what, by whom).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from typing import Any, TypeVar
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
@@ -35,12 +33,21 @@ from nats.js.errors import (
 )
 
 from ..consume.retrying import retry
-from ..errors import RouteRefusedError
-from ..names import WORKER_NAME
+from ..errors import InputError, RouteRefusedError
 from ..publish import publish_many
 from ..settings import Settings
 from .registry import discover
-from .topology import ensure_bucket, lane_of, route_transform
+from .routing import (
+    RouteState,
+    StateChangedError,
+    describe_split,
+    lane_filters,
+    prune,
+    read_state,
+    write_state,
+)
+from .split import Split
+from .topology import gen_of_transform, route_transform
 
 log = logging.getLogger(__name__)
 ROUTE_KEY = "route"
@@ -56,29 +63,25 @@ class RouteChange:
     at: str
     by: str
     note: str = ""
+    percent: int = 100  # of new work to ``lane`` (the rest stays on ``previous``)
+    gen: int | None = None  # the route generation this change started
 
     @classmethod
-    def now(cls, lane: str, previous: str | None, note: str = "") -> RouteChange:
+    def now(
+        cls,
+        lane: str,
+        previous: str | None,
+        note: str = "",
+        *,
+        percent: int = 100,
+        gen: int | None = None,
+    ) -> RouteChange:
         try:
             user = getpass.getuser()
         except (KeyError, OSError):
             user = "unknown"
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return cls(lane, previous, stamp, f"{user}@{socket.gethostname()}", note)
-
-
-async def ensure_route_bucket(js: JetStreamContext, settings: Settings) -> bool:
-    """Create the route-history bucket if missing; True when it was created."""
-    return await ensure_bucket(
-        js,
-        KeyValueConfig(
-            bucket=settings.names.route_bucket,
-            history=64,
-            storage=StorageType.FILE,
-            replicas=settings.stream_replicas,
-            description=f"{WORKER_NAME} route history",
-        ),
-    )
+        return cls(lane, previous, stamp, f"{user}@{socket.gethostname()}", note, percent, gen)
 
 
 async def record(js: JetStreamContext, settings: Settings, change: RouteChange) -> None:
@@ -124,87 +127,186 @@ async def history(js: JetStreamContext, settings: Settings) -> list[RouteChange]
     return changes
 
 
-async def current_lane(js: JetStreamContext, settings: Settings) -> str | None:
-    return lane_of(await js.stream_info(settings.stream_name), settings)
-
-
 async def lane_consumer(js: JetStreamContext, settings: Settings, lane: str) -> str | None:
     """The durable that consumes ``lane``, as the server knows it; None when there is none.
 
-    Found by what it consumes (its filter, or the lane in its metadata), not by a computed name,
-    so a lane whose instances run with their own ``CONSUMER_NAME`` is found too.
+    Found by the lane in its metadata, not by a computed name, so a lane whose instances run
+    with their own ``CONSUMER_NAME`` is found too.
     """
-    wanted = settings.names.lane_filter(lane)
-    default = settings.names.consumer(lane)
-    found: str | None = None
+    return (await lane_consumers(js, settings)).get(lane)
+
+
+async def lane_consumers(js: JetStreamContext, settings: Settings) -> dict[str, str]:
+    """lane -> durable, for every lane consumer of this worker's stream."""
+    found: dict[str, str] = {}
     for ci in await patiently(
         lambda: js.consumers_info(settings.stream_name), "listing the consumers"
     ):
-        config = ci.config
-        if config.filter_subject == wanted or (config.metadata or {}).get("lane") == lane:
-            if ci.name == default:
-                return ci.name
-            found = found or ci.name
+        lane = (ci.config.metadata or {}).get("lane")
+        if lane and (lane not in found or ci.name == settings.names.consumer(lane)):
+            found[lane] = ci.name
     return found
+
+
+async def sync_consumers(js: JetStreamContext, settings: Settings, state: RouteState) -> None:
+    """Give every lane consumer exactly the filters ``state`` assigns its lane."""
+    for lane, durable in (await lane_consumers(js, settings)).items():
+        want = lane_filters(settings, state, lane)
+        ci = await patiently(
+            lambda d=durable: js.consumer_info(settings.stream_name, d),  # type: ignore[misc]
+            "reading a consumer",
+        )
+        have = list(ci.config.filter_subjects or [])
+        if not have and ci.config.filter_subject:
+            have = [ci.config.filter_subject]
+        if sorted(have) == sorted(want):
+            continue
+        config = ci.config
+        config.filter_subject = None
+        config.filter_subjects = want
+        await patiently(
+            lambda c=config: js.add_consumer(settings.stream_name, c),  # type: ignore[misc]
+            f"updating the filters of {durable}",
+        )
+
+
+async def reconcile(js: JetStreamContext, settings: Settings, state: RouteState) -> RouteState:
+    """Make the server match ``state``: consumer filters first, then the stream's transform,
+    then drop emptied generations (and their filters). Resumes a step that was interrupted."""
+    await sync_consumers(js, settings, state)
+    info = await patiently(lambda: js.stream_info(settings.stream_name), "reading the stream")
+    live = gen_of_transform(settings, info.config.subject_transform)
+    if live != state.gen:
+        config = info.config
+        config.subject_transform = route_transform(settings, state.gen)
+        config.subjects = settings.names.stream_subjects
+        await patiently(lambda: js.update_stream(config), "switching the route")
+    try:
+        pruned = await prune(js, settings, state)
+    except StateChangedError:  # someone else stepped or pruned meanwhile: theirs wins
+        return state
+    if pruned is not state:
+        await sync_consumers(js, settings, pruned)
+    return pruned
 
 
 @dataclass
 class SwitchResult:
-    """What ``route <lane>`` did."""
+    """What ``route`` did."""
 
-    lane: str
-    previous: str | None
+    split: Split
+    previous: Split
     changed: bool
+    gen: int
     moved: int = 0
     left_in_flight: int = 0
+
+    @property
+    def lane(self) -> str:
+        return self.split.ramping or self.split.current
+
+
+def target_split(current: Split, lane: str, percent: int) -> Split:
+    """The split after ``route <lane> --percent <percent>`` from ``current``."""
+    if percent >= 100:
+        return Split(current=lane)
+    if lane == current.current:
+        if current.ramping:  # give the ramping lane the rest
+            return Split(current=lane, ramping=current.ramping, percent=100 - percent)
+        raise InputError(
+            f"lane {lane} already gets all new work: to ramp another lane, name it "
+            f"(route <lane> --percent {100 - percent})"
+        )
+    return Split(current=current.current, ramping=lane, percent=percent)
+
+
+async def current_state(js: JetStreamContext, settings: Settings) -> RouteState:
+    state = await patiently(lambda: read_state(js, settings), "reading the route")
+    if state is None:
+        raise RouteRefusedError(
+            f"stream {settings.stream_name} has no route yet: start a worker or run 'provision'"
+        )
+    return state
 
 
 async def switch(
     nc: Client,
     settings: Settings,
-    target: str,
+    target: str | None,
     *,
+    percent: int = 100,
+    rollback: bool = False,
     force: bool = False,
     take_backlog: bool = False,
     note: str = "",
     move_timeout: float = 60.0,
 ) -> SwitchResult:
-    """Route new work to ``target``. Refuses when no instance of that lane is alive."""
+    """Route new work by a new split. Refuses a lane that would get work but has no live
+    instance (start it first, or ``force``)."""
     js = nc.jetstream()
-    info = await patiently(lambda: js.stream_info(settings.stream_name), "reading the stream")
-    previous = lane_of(info, settings)
-    if previous == target:
-        log.info("route already points at lane %s: nothing to do", target)
-        return SwitchResult(target, previous, changed=False)
-    if not force:
-
-        def live_in_target(i: dict[str, Any]) -> bool:
-            return i.get("lane") == target and i.get("state") in LIVE_STATES
-
-        alive = [
-            i for i in await discover(nc, settings, enough=live_in_target) if live_in_target(i)
-        ]
-        if not alive:
+    state = await current_state(js, settings)
+    previous = state.split
+    if rollback:
+        if state.previous is None:
             raise RouteRefusedError(
-                f"no live instance of lane {target}: start workers with LANE={target} first "
-                "(or pass --force to route anyway; jobs then wait in the stream)"
+                f"nothing to roll back to: the route has had one split since the stream was "
+                f"created ({describe_split(previous)}); see 'route'"
             )
-    if await lane_consumer(js, settings, target) is None and not force:
-        raise RouteRefusedError(
-            f"lane {target} has no consumer on stream {settings.stream_name}: start a worker "
-            f"with LANE={target} (it provisions its consumer) or pass --force"
-        )
-    config = info.config
-    config.subject_transform = route_transform(settings, target)
-    await patiently(lambda: js.update_stream(config), "switching the route")  # idempotent
-    await record(js, settings, RouteChange.now(target, previous, note))
-    log.info("route switched: new work -> lane %s (was %s)", target, previous)
-    result = SwitchResult(target, previous, changed=True)
-    if take_backlog and previous:
-        result.moved, result.left_in_flight = await move_backlog(
-            nc, settings, previous, within=move_timeout
-        )
+        split = state.previous
+    else:
+        assert target is not None
+        split = target_split(previous, target, percent)
+    if split == previous:
+        log.debug("route already is %s: nothing to do", describe_split(split))
+        await reconcile(js, settings, state)  # finish an interrupted step, if any
+        return SwitchResult(split, previous, changed=False, gen=state.gen)
+    gaining = [lane for lane in split.lanes if split.share(lane) > previous.share(lane)]
+    consumers = await lane_consumers(js, settings)
+    for lane in gaining:
+        if force:
+            continue
+        await _require_live(nc, settings, lane)
+        if lane not in consumers:
+            raise RouteRefusedError(
+                f"lane {lane} has no consumer on stream {settings.stream_name}: start a worker "
+                f"with LANE={lane} (it provisions its consumer) or pass --force"
+            )
+    while True:
+        try:
+            staged = await write_state(js, settings, state.step(split))
+            break
+        except StateChangedError:
+            state = await current_state(js, settings)
+            if state.split == split:
+                return SwitchResult(split, previous, changed=False, gen=state.gen)
+    await reconcile(js, settings, staged)
+    lane = split.ramping or split.current
+    before = previous.ramping if rollback and previous.ramping else previous.current
+    await record(
+        js,
+        settings,
+        RouteChange.now(lane, before, note, percent=split.share(lane), gen=staged.gen),
+    )
+    log.debug("route: new work %s (was %s)", describe_split(split), describe_split(previous))
+    result = SwitchResult(split, previous, changed=True, gen=staged.gen)
+    if take_backlog:
+        for lane in previous.lanes:
+            if not split.share(lane):
+                moved, left = await move_backlog(nc, settings, lane, within=move_timeout)
+                result.moved += moved
+                result.left_in_flight += left
     return result
+
+
+async def _require_live(nc: Client, settings: Settings, lane: str) -> None:
+    def live_in(i: dict[str, Any]) -> bool:
+        return i.get("lane") == lane and i.get("state") in LIVE_STATES
+
+    if not [i for i in await discover(nc, settings, enough=live_in) if live_in(i)]:
+        raise RouteRefusedError(
+            f"no live instance of lane {lane}: start workers with LANE={lane} first "
+            "(or pass --force to route anyway; jobs then wait in the stream)"
+        )
 
 
 LIVE_STATES = ("starting", "running", "retiring")
@@ -263,9 +365,7 @@ async def move_backlog(
                 headers.update(
                     {"Job-Id": job_id, MOVED_FROM: lane, "Nats-Msg-Id": f"{job_id}:moved:{seq}"}
                 )
-                outgoing.append(
-                    (settings.names.ingress_for_stored(msg.subject, lane), msg.data, headers)
-                )
+                outgoing.append((settings.names.ingress_for_stored(msg.subject), msg.data, headers))
             await publish_many(js, outgoing)
             for msg in msgs:
                 await msg.ack()
@@ -278,14 +378,3 @@ async def move_backlog(
     if moved:
         log.info("moved %d waiting job(s) from lane %s to the current lane", moved, lane)
     return moved, left
-
-
-async def rollback_target(js: JetStreamContext, settings: Settings) -> str:
-    """The lane before the current one, per the route history."""
-    current = await current_lane(js, settings)
-    for change in reversed(await history(js, settings)):
-        if change.lane == current and change.previous:
-            return change.previous
-    raise RouteRefusedError(
-        f"nothing to roll back to: the route has no earlier lane (it is {current}); see 'route'"
-    )

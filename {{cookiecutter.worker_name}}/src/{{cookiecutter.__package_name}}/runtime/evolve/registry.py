@@ -18,7 +18,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from nats import micro
@@ -38,6 +39,7 @@ from .topology import ensure_bucket
 
 log = logging.getLogger(__name__)
 Snapshot = Callable[[], dict[str, Any]]
+WINDOW = 60.0  # seconds of history behind each heartbeat's succeeded/failed counts
 
 
 async def ensure_registry_bucket(js: JetStreamContext, settings: Settings) -> bool:
@@ -58,10 +60,20 @@ async def ensure_registry_bucket(js: JetStreamContext, settings: Settings) -> bo
 class Registry:
     """Register this instance and keep its heartbeat fresh until :meth:`stop`."""
 
-    def __init__(self, nc: Client, settings: Settings, snapshot: Snapshot) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        snapshot: Snapshot,
+        ready: asyncio.Event | None = None,
+        samples: Callable[[], Iterable[float]] | None = None,
+    ) -> None:
         self.nc = nc
         self.settings = settings
         self.snapshot = snapshot
+        self._ready = ready  # beat as soon as it is set: status shows "running" at once
+        self._samples = samples  # recent handling times (s), for the status endpoint
+        self._history: deque[tuple[float, int, int]] = deque(maxlen=64)  # (t, done, failed)
         self.instance = settings.instance_id
         self._service: Service | None = None
         self._kv: KeyValue | None = None
@@ -98,12 +110,33 @@ class Registry:
         self._task = asyncio.create_task(self._loop())
 
     async def _answer_status(self, req: Request) -> None:
-        await req.respond(json.dumps(self._payload()).encode())
+        """A fresh snapshot, with the sampled handling times (status merges them per lane)."""
+        payload = self._payload()
+        if self._samples is not None:
+            payload["recent_ms"] = [round(s * 1000, 3) for s in self._samples()]
+        await req.respond(json.dumps(payload).encode())
+
+    def _window(self, counters: dict[str, int]) -> dict[str, float]:
+        """Jobs succeeded and failed over the last ``WINDOW`` seconds of heartbeats."""
+        now = time.monotonic()
+        done, failed = counters.get("processed", 0), counters.get("failed", 0)
+        failed += counters.get("dead_lettered", 0)
+        if not self._history or now - self._history[-1][0] >= 1.0:
+            self._history.append((now, done, failed))
+        while len(self._history) > 1 and now - self._history[1][0] >= WINDOW:
+            self._history.popleft()
+        t0, done0, failed0 = self._history[0]
+        return {
+            "seconds": round(now - t0, 1),
+            "succeeded": done - done0,
+            "failed": failed - failed0,
+        }
 
     def _payload(self, state: str | None = None) -> dict[str, Any]:
         snap = self.snapshot()
         if state is not None:
             snap["state"] = state
+        snap["window"] = self._window(snap.get("counters") or {})
         self._metadata["state"] = str(snap.get("state", "running"))  # live in $SRV.INFO
         return {
             "instance": self.instance,
@@ -125,6 +158,10 @@ class Registry:
             log.debug("heartbeat failed: %s", exc)
 
     async def _loop(self) -> None:
+        if self._ready is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), self.settings.heartbeat_interval)
+            await self.beat()
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             await self.beat()

@@ -5,9 +5,11 @@ rewrites the transform, so an instance reacts at once without polling; a slow fa
 (``ROUTE_CHECK_INTERVAL``) covers an advisory missed during a disconnect. Only while retiring
 does the instance look at its consumer once a second, to see the backlog reach zero.
 
-A lane that was never current (a new version deployed ahead of the switch) never retires: it
-waits for the route. A worker restarted into a lane that was routed away and is drained retires
-again after the grace period, so a supervisor that restarts on exit 0 settles down.
+An instance retires only when *it* saw its lane get new work and then saw the route take all of
+it away. An instance started into a lane that gets no new work waits for the route instead,
+however long: that is how an operator rolls back ("start v1 again, then ``route --rollback``"),
+and how a new version waits for its first ramp step. A paused instance that missed the switch
+had seen its lane get work when it started, so it still retires once it resumes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ..settings import Settings
-from .lanes import current_lane, history
+from .routing import describe_split, read_state
 
 log = logging.getLogger(__name__)
 _RETIRING_CHECK = 1.0
@@ -42,8 +44,9 @@ class LaneWatcher:
         self.nc = nc
         self.settings = settings
         self.worker = worker
-        self.current: str | None = None
-        self.was_current = False
+        self.share: int | None = None  # percent of new work this lane gets, as last read
+        self.route = "?"  # the split, for the log
+        self.was_current = False  # this instance saw its lane get new work
         self._changed = asyncio.Event()
         self._idle_since: float | None = None
         self._sub: Subscription | None = None
@@ -54,16 +57,15 @@ class LaneWatcher:
         self._changed.set()
 
     async def start(self) -> None:
-        js = self.nc.jetstream()
         subject = self.settings.names.stream_updated_advisory
         self._sub = await self.nc.subscribe(subject, cb=self._on_advisory)
-        lanes_ever = {change.lane for change in await history(js, self.settings)}
-        self.current = await current_lane(js, self.settings)
-        lane = self.settings.lane
-        self.was_current = self.current == lane or lane in lanes_ever
-        if self.current != lane:
-            state = "routed away" if self.was_current else "waiting for the route"
-            log.info("lane %s is not current (new work -> lane %s): %s", lane, self.current, state)
+        await self._read_route()
+        if not self.share:
+            log.info(
+                "lane %s gets no new work (route: %s): waiting for the route",
+                self.settings.lane,
+                self.route,
+            )
         await self._check()
         self._task = asyncio.create_task(self._loop())
 
@@ -90,30 +92,33 @@ class LaneWatcher:
             except Exception as exc:  # disconnected: the next round tries again
                 log.debug("route check failed: %s", exc)
 
+    async def _read_route(self) -> None:
+        state = await read_state(self.nc.jetstream(), self.settings)
+        share = state.split.share(self.settings.lane) if state else 0
+        route = describe_split(state.split) if state else "none"
+        if self.share is not None and route != self.route:
+            log.info("route seen: new work %s (this instance: lane %s)", route, self.settings.lane)
+        self.share, self.route = share, route
+        if share:
+            self.was_current = True
+
     async def _check(self) -> None:
         js = self.nc.jetstream()
         lane = self.settings.lane
-        current = await current_lane(js, self.settings)
-        if current != self.current:
-            log.info("route seen: new work -> lane %s (this instance: lane %s)", current, lane)
-            self.current = current
-        if current == lane:
-            self.was_current = True
+        await self._read_route()
+        if self.share:
             self._idle_since = None
             if self.worker.retiring:
-                log.info("lane %s is current again: back to running", lane)
+                log.info("lane %s gets new work again: back to running", lane)
                 self.worker.retiring = False
             return
-        if not self.was_current:
-            # Not seen live (paused or partitioned while it happened)? The history knows.
-            self.was_current = lane in {c.lane for c in await history(js, self.settings)}
         if not (self.was_current and self.settings.auto_retire):
             return
         if not self.worker.retiring:
             log.info(
-                "retiring: lane %s gets no new work (route -> %s); finishing its backlog",
+                "retiring: lane %s gets no new work (route: %s); finishing its backlog",
                 lane,
-                current,
+                self.route,
             )
             self.worker.retiring = True
         info = await js.consumer_info(self.settings.stream_name, self.settings.names.durable)
@@ -124,9 +129,9 @@ class LaneWatcher:
         elif self._idle_since is None:
             self._idle_since = now
             log.info(
-                "lane %s drained; retiring in %gs unless it becomes current again",
+                "lane %s drained; retiring in %gs unless it gets new work again",
                 lane,
                 self.settings.retire_grace,
             )
         if self._idle_since is not None and now - self._idle_since >= self.settings.retire_grace:
-            self.worker.stop(f"retired: lane {lane} drained, new work goes to lane {current}")
+            self.worker.stop(f"retired: lane {lane} drained, new work goes {self.route}")

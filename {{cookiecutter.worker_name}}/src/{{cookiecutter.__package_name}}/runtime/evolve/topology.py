@@ -39,30 +39,26 @@ from ..settings import Settings
 log = logging.getLogger(__name__)
 
 
-def route_transform(settings: Settings, lane: str) -> SubjectTransform:
-    return SubjectTransform(
-        src=settings.names.ingress_filter, dest=settings.names.lane_filter(lane)
-    )
+def route_transform(settings: Settings, gen: int) -> SubjectTransform:
+    """``<root>.jobs.>`` -> generation ``gen`` (see ``naming.py`` for the stored layout)."""
+    return SubjectTransform(src=settings.names.ingress_filter, dest=settings.names.route_dest(gen))
 
 
-def lane_of(info: StreamInfo, settings: Settings) -> str | None:
-    """The lane new work currently lands on, read from the stream's subject transform."""
-    transform = info.config.subject_transform
-    if transform is None:
-        return None
-    return settings.names.lane_of_route(transform.dest)
+def gen_of_transform(settings: Settings, transform: SubjectTransform | None) -> int | None:
+    """The generation a stream's transform stamps on new work; None for another layout."""
+    return None if transform is None else settings.names.gen_of_route(transform.dest)
 
 
-def stream_config(settings: Settings, lane: str) -> StreamConfig:
+def stream_config(settings: Settings, gen: int) -> StreamConfig:
     return StreamConfig(
         name=settings.stream_name,
         description=f"{WORKER_NAME} work queue",
-        subjects=[settings.names.ingress_filter],
+        subjects=settings.names.stream_subjects,
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         num_replicas=settings.stream_replicas,
         duplicate_window=settings.duplicate_window,
-        subject_transform=route_transform(settings, lane),
+        subject_transform=route_transform(settings, gen),
         metadata={"worker": WORKER_NAME},
     )
 
@@ -71,7 +67,7 @@ def dlq_config(settings: Settings) -> StreamConfig:
     return StreamConfig(
         name=settings.dlq_stream_name,
         description=f"{WORKER_NAME} dead letters",
-        subjects=[settings.names.dlq_filter],
+        subjects=settings.names.dlq_subjects,
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         num_replicas=settings.stream_replicas,
@@ -98,13 +94,16 @@ def consumer_backoff(settings: Settings) -> list[float]:
     return waits[: max(0, settings.max_deliver + MAX_DELIVER_HEADROOM - 1)]
 
 
-def consumer_config(settings: Settings, lane: str | None = None) -> ConsumerConfig:
+def consumer_config(
+    settings: Settings, filters: list[str], lane: str | None = None
+) -> ConsumerConfig:
+    """A lane's durable; ``filters`` (from the route state) say which stored jobs it owns."""
     lane = lane or settings.lane
     backoff = consumer_backoff(settings)
     return ConsumerConfig(
         durable_name=settings.names.consumer(lane),
         description=f"{WORKER_NAME} lane {lane}",
-        filter_subject=settings.names.lane_filter(lane),
+        filter_subjects=filters,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait,
@@ -119,7 +118,6 @@ def consumer_config(settings: Settings, lane: str | None = None) -> ConsumerConf
 
 # Consumer fields we own and compare; anything else the server may fill in itself.
 _CONSUMER_FIELDS = (
-    "filter_subject",
     "ack_policy",
     "deliver_policy",
     "ack_wait",
@@ -166,7 +164,7 @@ class ProvisionReport:
         out = [f"created {x}" for x in self.created] + [f"updated {x}" for x in self.updated]
         out += [f"unchanged {x}" for x in self.unchanged]
         if self.route:
-            out.append(f"route: new work lands on lane {self.route}")
+            out.append(f"route: new work -> {self.route}")
         return out
 
 
@@ -222,10 +220,21 @@ async def ensure_stream(
     return info
 
 
+def consumer_filters(config: ConsumerConfig) -> list[str]:
+    """A consumer's filters, whichever of the two fields holds them."""
+    if config.filter_subjects:
+        return list(config.filter_subjects)
+    return [config.filter_subject] if config.filter_subject else []
+
+
 async def ensure_consumer(
-    js: JetStreamContext, settings: Settings, report: ProvisionReport, lane: str | None = None
+    js: JetStreamContext,
+    settings: Settings,
+    report: ProvisionReport,
+    filters: list[str],
+    lane: str | None = None,
 ) -> ConsumerInfo:
-    want = consumer_config(settings, lane)
+    want = consumer_config(settings, filters, lane)
     durable = want.durable_name or ""
     name = f"consumer {durable}"
     have: ConsumerInfo | None
@@ -238,6 +247,8 @@ async def ensure_consumer(
         raise
     if have is not None:
         changes = _diff(want, have.config, _CONSUMER_FIELDS)
+        if sorted(filters) != sorted(consumer_filters(have.config)):
+            changes["filter_subjects"] = (consumer_filters(have.config), filters)
         if want.backoff is None and have.config.backoff:
             changes["backoff"] = (have.config.backoff, None)
         if not changes:

@@ -13,6 +13,32 @@ from ..names import WORKER_NAME
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a caller passed with ``extra=`` (job id, subject, trace id, ...)."""
+    return {
+        k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
+    }
+
+
+class TextFormatter(logging.Formatter):
+    """One line for people: time, level, message, then the extra fields as ``key=value``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = _extras(record)
+        if fields:
+            line += " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+        return line
+
+
+def _text(value: object) -> str:
+    text = str(value)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
 class JsonFormatter(logging.Formatter):
     """Flat JSON with the record's ``extra`` fields; exceptions become one ``exc`` string."""
 
@@ -29,9 +55,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             **self.static,
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+        out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
@@ -45,7 +69,7 @@ def setup_logging(level: str, fmt: str, **static: Any) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter({"worker": WORKER_NAME, **static}))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

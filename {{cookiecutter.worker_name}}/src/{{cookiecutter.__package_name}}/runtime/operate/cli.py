@@ -310,55 +310,114 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     settings = load_settings()
     _setup_logging(settings)
+    explain = args.lane == "explain"
+    if explain and not args.key:
+        raise InputError("route explain needs a key: route explain <key>")
+    if not explain and args.key:
+        raise InputError(f"unexpected argument {args.key!r}: route [LANE] [--percent P]")
     if args.lane and args.rollback:
         raise InputError("give a lane or --rollback, not both")
+    if args.percent is not None and not (args.lane and 1 <= args.percent <= 100):
+        raise InputError(
+            "--percent takes an integer from 1 to 100, with a lane: route v2 --percent 10"
+        )
 
     async def body(nc: Client) -> int:
         from ..evolve import lanes
+        from ..evolve.routing import describe_split
 
         js = nc.jetstream()
-        if not args.lane and not args.rollback:
-            _print_route(
-                await lanes.current_lane(js, settings), await lanes.history(js, settings), args.json
-            )
+        if explain:
+            state = await lanes.current_state(js, settings)
+            _print_explain(settings, state, args.key, args.json)
             return EXIT_OK
-        target = args.lane or await lanes.rollback_target(js, settings)
+        if not args.lane and not args.rollback:
+            state = await lanes.current_state(js, settings)
+            _print_route(state, await lanes.history(js, settings), args.json)
+            return EXIT_OK
         result = await lanes.switch(
             nc,
             settings,
-            target,
+            args.lane,
+            percent=args.percent or 100,
+            rollback=args.rollback,
             force=args.force,
             take_backlog=args.take_backlog,
             note="rollback" if args.rollback else (args.note or ""),
         )
+        split, previous = describe_split(result.split), describe_split(result.previous)
         if args.json:
-            print(json.dumps(result.__dict__))
+            print(
+                json.dumps(
+                    {
+                        "changed": result.changed,
+                        "split": result.split.as_dict(),
+                        "previous": result.previous.as_dict(),
+                        "generation": result.gen,
+                        "moved": result.moved,
+                        "left_in_flight": result.left_in_flight,
+                    }
+                )
+            )
         elif not result.changed:
-            print(f"route already points at lane {result.lane}: nothing changed")
+            print(f"route already is {split}: nothing changed")
         else:
-            print(f"new work -> lane {result.lane} (was {result.previous})")
+            print(f"new work -> {split} (was {previous}; generation {result.gen})")
             if args.take_backlog:
                 held = (
-                    f"; {result.left_in_flight} still held by lane {result.previous} workers "
+                    f"; {result.left_in_flight} still held by the old lane's workers "
                     "(they finish them there)"
                     if result.left_in_flight
                     else ""
                 )
-                print(f"moved {result.moved} waiting job(s) from lane {result.previous}{held}")
+                print(f"moved {result.moved} waiting job(s) to the new split{held}")
         return EXIT_OK
 
     return _with_nats(settings, body)
 
 
-def _print_route(current: str | None, changes: Sequence[Any], as_json: bool) -> None:
+def _print_route(state: Any, changes: Sequence[Any], as_json: bool) -> None:
+    from ..evolve.routing import describe_split
+
+    split = state.split
     if as_json:
-        print(json.dumps({"current": current, "history": [c.__dict__ for c in changes]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "current": split.current,
+                    "ramping": split.ramping,
+                    "percent": split.percent if split.ramping else 0,
+                    "generation": state.gen,
+                    "generations": sorted(state.generations),
+                    "history": [c.__dict__ for c in changes],
+                },
+                indent=2,
+            )
+        )
         return
-    print(f"new work -> lane {current}")
+    print(f"new work -> {describe_split(split)} (generation {state.gen})")
     if changes:
-        print(f"\n{'WHEN':<21} {'FROM':<6} {'TO':<6} {'BY':<28} NOTE")
+        print(f"\n{'WHEN':<21} {'FROM':<6} {'TO':<6} {'%':>4} {'BY':<28} NOTE")
     for c in changes:
-        print(f"{c.at:<21} {c.previous or '-':<6} {c.lane:<6} {c.by[:28]:<28} {c.note}")
+        print(
+            f"{c.at:<21} {c.previous or '-':<6} {c.lane:<6} {c.percent:>4} {c.by[:28]:<28} {c.note}"
+        )
+
+
+def _print_explain(settings: Settings, state: Any, key: str, as_json: bool) -> None:
+    """Where a job published with ``key`` lands under the current split."""
+    from ..evolve.split import RANK, bucket_of
+
+    subject = settings.names.keyed_ingress(key)
+    bucket = bucket_of(subject)
+    lane = state.split.lane_of_bucket(bucket)
+    if as_json:
+        print(json.dumps({"key": key, "subject": subject, "bucket": bucket, "lane": lane}))
+        return
+    print(
+        f"key {key!r} -> subject {subject} -> bucket {bucket} (rank {RANK.index(bucket)}) "
+        f"-> lane {lane}"
+    )
 
 
 # --------------------------------------------------------------------------------- dlq
@@ -531,9 +590,11 @@ def _setup_logging(settings: Settings, one_shot: bool = True) -> None:
     from ..connection import quiet_denials
     from ..observe.logs import setup_logging
 
-    if one_shot:
+    if one_shot:  # the command's output is its result; the log only says what went wrong
         quiet_denials()
-
+        level = max(logging.getLevelName(settings.log_level), logging.WARNING)
+        setup_logging(logging.getLevelName(level), settings.log_format, version=__version__)
+        return
     setup_logging(settings.log_level, settings.log_format, lane=settings.lane, version=__version__)
 
 
@@ -642,13 +703,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "route",
-        help="show or switch the lane that receives new work",
-        description="Without arguments: the current lane and the history of switches. "
-        "With a lane: route new work to it (atomically, on the server). Old lanes keep their "
-        "backlog and their workers retire once it is done.",
+        help="show, switch or ramp the lanes that receive new work",
+        description="Without arguments: the current split and the history of changes. "
+        "With a lane: route all new work to it, or --percent P of it, sticky by job key "
+        "(atomically, on the server). Stored jobs stay on the lane they were routed to; old "
+        "lanes drain them and their workers retire. 'route explain KEY' names the lane a "
+        "job with that key lands on.",
     )
-    p.add_argument("lane", nargs="?", help="lane to route new work to, e.g. v2")
-    p.add_argument("--rollback", action="store_true", help="route back to the previous lane")
+    p.add_argument("lane", nargs="?", help="lane to route new work to, e.g. v2; or 'explain KEY'")
+    p.add_argument("key", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--percent",
+        type=int,
+        metavar="P",
+        help="send only P%% of new work (1-100) to the lane, sticky by job key; the rest "
+        "stays on the current lane",
+    )
+    p.add_argument("--rollback", action="store_true", help="restore the previous split")
     p.add_argument("--force", action="store_true", help="switch even with no live instance")
     p.add_argument(
         "--take-backlog",

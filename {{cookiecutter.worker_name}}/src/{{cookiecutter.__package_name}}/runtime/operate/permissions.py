@@ -49,7 +49,7 @@ def subjects(settings: Settings) -> dict[str, list[str]]:
         f"$JS.ACK.KV_{settings.names.route_bucket}.>",
         f"$JS.ACK.KV_{settings.names.registry_bucket}.>",
     ]
-    publish += [settings.names.ingress_filter, settings.names.dlq_filter]
+    publish += [*settings.names.stream_subjects, *settings.names.dlq_subjects]
     publish += [f"$SRV.{verb}.{WORKER_NAME}" for verb in ("PING", "INFO", "STATS")]
     subscribe = [
         f"{settings.names.inbox_prefix}.>",
