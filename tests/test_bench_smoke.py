@@ -70,3 +70,29 @@ def test_quick_benchmark_completes() -> None:
     assert route["lost"] == 0, route
     assert route["duplicates"] == 0, route
     assert route["old_exit_code"] == 0, route  # the old lane retired on its own
+
+
+@pytest.mark.timeout(120)
+def test_cli_start_benchmark_completes(tmp_path: Path) -> None:
+    """``bench/cli_start.py --quick``: --help, --version and route (time to the server's first
+    JetStream API request) are measured and written; no timing is asserted."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    run = subprocess.run(
+        [sys.executable, "bench/cli_start.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    output = run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.returncode == 0, output
+    report = json.loads((tmp_path / "cli.json").read_text("utf-8"))
+    measured = report["measurements"]
+    assert {"help", "version", "route"} <= measured.keys(), output
+    for key in ("help", "version", "route"):
+        assert measured[key]["wall_ms"] is not None, (key, measured[key])
+    assert measured["route"]["to_server_ms"] is not None, measured["route"]
+    assert {"load_start", "load_end"} <= report.keys()
