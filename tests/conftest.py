@@ -99,6 +99,13 @@ class BakedProject:
     def has_file(self, relpath: str) -> bool:
         return (self.path / relpath).exists()
 
+    def with_chassis_suite(self) -> BakedProject:
+        """Render the chassis's full suite (``chassis_tests/``) into ``tests/chassis/``."""
+        from .chassis_suite import render_chassis_suite
+
+        render_chassis_suite(self.path, self.context)
+        return self
+
     def read(self, relpath: str) -> str:
         return (self.path / relpath).read_text(encoding="utf-8")
 

