@@ -10,8 +10,29 @@ versions side by side (lanes, routes, provisioning, the instance registry, retir
 settings, names, errors, the connection, and ``app.py``, which puts one instance together.
 """
 
-from .consume.context import JobContext
-from .errors import Reject, Retry
-from .settings import Settings as WorkerSettings
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .consume.context import JobContext
+    from .errors import Reject, Retry
+    from .settings import Settings as WorkerSettings
 
 __all__ = ["JobContext", "Reject", "Retry", "WorkerSettings"]
+_WHERE = {
+    "JobContext": ("consume.context", "JobContext"),
+    "Reject": ("errors", "Reject"),
+    "Retry": ("errors", "Retry"),
+    "WorkerSettings": ("settings", "Settings"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Imported on first use, so a command like ``--help`` does not load nats-py or pydantic."""
+    if name not in _WHERE:
+        raise AttributeError(name)
+    from importlib import import_module
+
+    module, attr = _WHERE[name]
+    value = getattr(import_module(f"{__name__}.{module}"), attr)
+    globals()[name] = value
+    return value

@@ -10,11 +10,12 @@ import importlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+if TYPE_CHECKING:  # imported where used: the CLI's --help must not pay for pydantic
+    from pydantic import BaseModel
 
-from .settings import Settings
+    from .settings import Settings
 
 PACKAGE = __package__.rsplit(".", 1)[0]  # the worker's package, above runtime/
 APPS = ("user", "demo")
@@ -64,6 +65,8 @@ def load_app(name: str = "user") -> WorkerApp:
 
 def settings_class() -> type[Settings]:
     """The user's ``settings.Settings`` (the chassis's plus theirs), or the chassis's alone."""
+    from .settings import Settings
+
     module = _user_module("settings")
     cls = getattr(module, "Settings", Settings) if module is not None else Settings
     if not (isinstance(cls, type) and issubclass(cls, Settings)):

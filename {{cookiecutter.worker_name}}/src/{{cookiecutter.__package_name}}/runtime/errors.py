@@ -21,8 +21,6 @@ Errors the chassis reports to the operator (one line, a documented exit code)::
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-
 # Exit codes follow BSD sysexits.h where one fits, so supervisors can tell them apart.
 EXIT_OK = 0  # normal stop, drained on a signal, or retired after its lane was routed away
 EXIT_FAILURE = 1  # unexpected crash (a bug): the traceback is logged
@@ -113,6 +111,8 @@ class InputError(WorkerError):
 
 def describe(exc: BaseException, limit: int = 1024) -> str:
     """One line about an error, for logs and DLQ headers (pydantic's report is multi-line)."""
+    from pydantic import ValidationError  # imported by then; here so the CLI starts fast
+
     if isinstance(exc, ValidationError):
         errors = exc.errors(include_url=False, include_input=False)
         parts = [
