@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from {{ cookiecutter.__package_name }}.runtime.evolve.split import Split
+
 from .cluster import NatsCluster, move_stream_leader
 from .harness import (
     EXHAUSTED,
@@ -169,17 +171,18 @@ def test_rolling_restart_with_sigterm(
     assert_accounting(result, pub, duplicates="none")
 
 
-def route(fleet: Fleet, cluster: NatsCluster, timings: dict[str, object], arg: str) -> float:
+def route(fleet: Fleet, cluster: NatsCluster, timings: dict[str, object], *args: str) -> float:
     """Run ``route <arg>`` until it succeeds (bounded); record tries and time; when it is done.
 
     The first try may land in the leader election that follows the node's death: the command
     then fails with exit 69 ("NATS did not answer in time") and the operator runs it again.
     """
+    arg = " ".join(args)
     cluster.note(f"route {arg} (node down)")
     began = time.time()
     tries: list[str] = []
     for _ in range(10):
-        done = fleet.cli("route", arg)
+        done = fleet.cli("route", *args)
         if done.returncode == 0:
             break
         lane = fleet.cli("route", "--json")
@@ -239,6 +242,59 @@ def test_route_switch_and_rollback_while_a_node_is_down(
     assert not wrong, f"jobs processed on the wrong lane: {wrong[:5]}"
     assert codes == [0, 0]
     assert all(w.alive for w in blue)
+    assert_accounting(result, pub, duplicates="explained")
+
+
+def test_ramp_step_while_a_node_is_down(
+    cluster: NatsCluster, fleet: Fleet, record_accounting: list[Accounting]
+) -> None:
+    """A percentage ramp on R3: ``route v2 --percent 10`` then ``--percent 50`` with the stream
+    leader's node dead. Every job must land on the lane its generation's split gives its bucket,
+    and nothing is lost."""
+    started = time.time()
+    blue = start_workers(fleet, 2, "v1", RETIRE_GRACE="120")
+    green = start_workers(fleet, 2, "v2", RETIRE_GRACE="120")
+    timings: dict[str, object] = {}
+    with LoadPublisher(cluster.urls, fleet.ingress, rate=K.rate, duration=120) as pub:
+        t0 = time.time()
+        sleep_until(t0, 0.2 * K.duration)
+        down = leaders(cluster, fleet, ("v1", "v2"))["stream"]
+        cluster.kill(down)
+        t_ten = route(fleet, cluster, timings, "v2", "--percent", "10")
+        sleep_until(t_ten, 0.3 * K.duration)
+        t_fifty = route(fleet, cluster, timings, "v2", "--percent", "50")
+        sleep_until(t_fifty, 0.2 * K.duration)
+        cluster.restart(down)
+        time.sleep(0.1 * K.duration)
+        pub.stop()
+        result = finish(
+            "ramp v2 10% -> 50%, stream-leader node down",
+            pub,
+            fleet,
+            record_accounting,
+            started,
+            facts={"node down": down, **timings},
+        )
+    shown = json.loads(fleet.cli("route", "--json").stdout)
+    assert (shown["ramping"], shown["percent"]) == ("v2", 50), shown
+    splits = {1: Split(current="v1")}
+    for change in shown["history"]:
+        if change.get("gen") and change.get("split"):
+            splits[int(change["gen"])] = Split.from_dict(change["split"])
+    wrong = []
+    for record in fleet.done_records():
+        tokens = str(record.get("subject")).split(".")
+        gen = int(tokens[2].removeprefix("g"))
+        bucket = int(tokens[4]) if len(tokens) == 9 else int(tokens[5]) + 10 * int(tokens[6])
+        if splits[gen].lane_of_bucket(bucket) != record.get("lane"):
+            wrong.append(record.get("job_id"))
+    on_green = sum(1 for r in fleet.done_records() if r.get("lane") == "v2")
+    result.facts["jobs handled by v2"] = on_green
+    result.facts["jobs handled by the wrong lane"] = len(wrong)
+    print(result.report())
+    assert on_green, "the ramp sent no job to v2"
+    assert not wrong, f"jobs handled on a lane their split did not route them to: {wrong[:5]}"
+    assert all(w.alive for w in [*blue, *green])
     assert_accounting(result, pub, duplicates="explained")
 
 

@@ -37,8 +37,8 @@ from worker_testkit import (
 )
 
 from {{ cookiecutter.__package_name }}.job import Job
-from {{ cookiecutter.__package_name }}.runtime.operate import cli
 from {{ cookiecutter.__package_name }}.runtime.consume import dlq
+from {{ cookiecutter.__package_name }}.runtime.operate import cli
 from {{ cookiecutter.__package_name }}.runtime.operate.embedded import find_binary, stop_process
 
 pytestmark = pytest.mark.integration

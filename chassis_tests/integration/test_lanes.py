@@ -36,6 +36,8 @@ from lanes_support import (
 )
 from worker_testkit import WorkerEnv
 
+from {{ cookiecutter.__package_name }}.runtime.names import JOB_TYPE
+
 pytestmark = pytest.mark.integration
 
 RATE = env_number("LANES_LOAD_RATE", 300.0)  # jobs per second
@@ -119,7 +121,7 @@ def test_blue_green_under_load(dep: Deployment) -> None:
         # the rest of the planned load, and at least a quarter of it on v2 however slow the CI
         load.finish_after(max(LOAD_SECONDS * 0.25, LOAD_SECONDS - (switched_at - load.started_at)))
         assert switched.returncode == 0, switched.stderr
-        assert "new work -> lane v2 (was v1)" in switched.stdout
+        assert "new work -> v2 100% (was v1 100%" in switched.stdout
         at_switch = dep.status()
         load.join(load.remaining + 30)
         tl.mark("load done")
@@ -156,7 +158,7 @@ def test_blue_green_under_load(dep: Deployment) -> None:
     for worker in workers:  # each job-done line names its instance's lane and the stored subject
         for record in worker.done():
             assert record.get("lane") == worker.lane
-            assert str(record.get("subject", "")).startswith(f"{dep.subject_root}.{worker.lane}.")
+            assert str(record.get("subject", "")).startswith(f"{dep.subject_root}.{JOB_TYPE}.g")
     report = dep.status()
     assert lane_states(report) == {"v1": "drained", "v2": "current"}
     assert route_history(dep) == ("v2", [(None, "v1"), ("v1", "v2")])
@@ -208,14 +210,15 @@ def test_rollback_under_load(dep: Deployment, how: str) -> None:
             back = dep.route("v1", "--take-backlog", "--json")
             assert back.returncode == 0, back.stderr
             result = json.loads(back.stdout)
-            assert (result["lane"], result["previous"], result["changed"]) == ("v1", "v2", True)
+            split, previous = result["split"], result["previous"]
+            assert (split["current"], previous["current"], result["changed"]) == ("v1", "v2", True)
             moved = int(result["moved"])
             print(f"\nmoved {moved} waiting job(s); {result['left_in_flight']} left in flight")
             assert moved > 0
         else:
             back = dep.route("--rollback")
             assert back.returncode == 0, back.stderr
-            assert "new work -> lane v1 (was v2)" in back.stdout
+            assert "new work -> v1 100% (was v2 100%" in back.stdout
             moved = 0
         back_at = tl.mark("back on v1")
         load.finish_after(ROLLBACK_SECONDS / 4)
@@ -233,7 +236,7 @@ def test_rollback_under_load(dep: Deployment, how: str) -> None:
     tl.mark("all processed")
     assert all(w.alive for w in v1), "v1 is current again and must keep running"
     for worker in v1:
-        assert worker.find("lane v1 is current again") is not None, worker.tail()
+        assert worker.find("lane v1 gets new work again") is not None, worker.tail()
         terminate(worker)
     print(tl)
 
@@ -288,7 +291,7 @@ def test_current_lane_never_retires_when_idle(dep: Deployment) -> None:
 def test_never_current_lane_does_not_retire(dep: Deployment) -> None:
     """v2 deployed ahead of any switch waits for the route: running, lane state inactive."""
     provisioned = dep.cli_ok("provision", LANE="v1")
-    assert "route: new work lands on lane v1" in provisioned
+    assert "route: new work -> v1 100%" in provisioned
     v2 = dep.start("v2", "v2", RETIRE_GRACE="0.5")
     dep.wait_registered(v2)
     watch_until = time.monotonic() + 3.0
@@ -304,7 +307,7 @@ def test_never_current_lane_does_not_retire(dep: Deployment) -> None:
         time.sleep(0.3)
     assert rounds >= 3
     assert v2.find("retiring") is None, v2.tail()
-    assert v2.find("lane v2 is not current") is not None, v2.tail()
+    assert v2.find("lane v2 gets no new work") is not None, v2.tail()
     terminate(v2)
 
 
@@ -367,12 +370,12 @@ def test_registry_and_route_guards(dep: Deployment) -> None:
     assert route_history(dep) == ("v1", [(None, "v1")])
     forced = dep.route("v2", "--force")
     assert forced.returncode == 0, forced.stderr
-    assert "new work -> lane v2 (was v1)" in forced.stdout
+    assert "new work -> v2 100% (was v1 100%" in forced.stdout
     again = dep.route("v2", "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["changed"] is False
     table = dep.cli_ok("route")
-    assert table.splitlines()[0] == "new work -> lane v2"
+    assert table.splitlines()[0].startswith("new work -> v2 100% (generation ")
     assert any(line.split()[1:3] == ["v1", "v2"] for line in table.splitlines()[1:] if line.strip())
     assert route_history(dep) == ("v2", [(None, "v1"), ("v1", "v2")])
     # the forced switch routed v1 away, and v1 is idle: the last v1 instance retires

@@ -15,7 +15,7 @@ workers may share a root: each stream owns only its own job type's subjects::
                                   lane consumers own buckets through their filters
     <root>.<lane>.>               stored by the template's layout before generations (legacy),
                                   drained by that lane's consumer until it is empty
-    <root>.dlq.<type>             dead letters
+    <root>.dlq.<type>[.part]      dead letters (parts of one too big for a message)
     <root>.instances.<instance>   each instance's status endpoint (micro service)
 """
 
@@ -153,9 +153,14 @@ class Names:
         return f"{self.root}.dlq.{self.job_type}"
 
     @property
+    def dlq_parts(self) -> str:
+        """Where a dead letter too big for one message keeps its parts."""
+        return f"{self.dlq_subject}.part"
+
+    @property
     def dlq_subjects(self) -> list[str]:
-        """What the DLQ stream captures: this job type's dead letters only."""
-        return [self.dlq_subject]
+        """What the DLQ stream captures: this job type's dead letters (and their parts) only."""
+        return [self.dlq_subject, self.dlq_parts]
 
     def instance_subject(self, instance: str) -> str:
         return f"{self.root}.instances.{instance}"

@@ -625,7 +625,9 @@ async def iter_dead_letters(
     seq, last = info.state.first_seq, info.state.last_seq
     seen = 0
     while seq and seq <= last and (limit is None or seen < limit):
-        stored = await get_stored(js, settings.dlq_stream_name, seq, next_on=settings.names.dlq_subject)
+        stored = await get_stored(
+            js, settings.dlq_stream_name, seq, next_on=settings.names.dlq_subject
+        )
         if stored is None or stored.seq > last:
             return
         seq = stored.seq + 1
@@ -801,7 +803,7 @@ async def purge(js: JetStreamContext, settings: Settings) -> int:
 
 def part_subject(settings: Settings) -> str:
     """Where parts go: inside the DLQ stream, apart from the entries (``dlq list`` skips it)."""
-    return f"{settings.names.dlq_subject}.part"
+    return settings.names.dlq_parts
 
 
 class MaxDeliveriesRescue:

@@ -65,6 +65,13 @@ class RouteChange:
     note: str = ""
     percent: int = 100  # of new work to ``lane`` (the rest stays on ``previous``)
     gen: int | None = None  # the route generation this change started
+    split: dict[str, object] | None = None  # the whole split from then on (Split.as_dict)
+
+    def share(self, lane: str) -> int:
+        """Percent of new work ``lane`` got from this change on."""
+        if self.split is not None:
+            return Split.from_dict(self.split).share(lane)
+        return self.percent if lane == self.lane else 0
 
     @classmethod
     def now(
@@ -75,13 +82,17 @@ class RouteChange:
         *,
         percent: int = 100,
         gen: int | None = None,
+        split: Split | None = None,
     ) -> RouteChange:
         try:
             user = getpass.getuser()
         except (KeyError, OSError):
             user = "unknown"
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return cls(lane, previous, stamp, f"{user}@{socket.gethostname()}", note, percent, gen)
+        by = f"{user}@{socket.gethostname()}"
+        return cls(
+            lane, previous, stamp, by, note, percent, gen, split.as_dict() if split else None
+        )
 
 
 async def record(js: JetStreamContext, settings: Settings, change: RouteChange) -> None:
@@ -285,7 +296,7 @@ async def switch(
     await record(
         js,
         settings,
-        RouteChange.now(lane, before, note, percent=split.share(lane), gen=staged.gen),
+        RouteChange.now(lane, before, note, percent=split.share(lane), gen=staged.gen, split=split),
     )
     log.debug("route: new work %s (was %s)", describe_split(split), describe_split(previous))
     result = SwitchResult(split, previous, changed=True, gen=staged.gen)

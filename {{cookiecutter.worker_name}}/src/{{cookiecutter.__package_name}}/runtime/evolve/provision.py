@@ -56,7 +56,9 @@ async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport
             report.updated.append(f"stream {settings.stream_name} (route generations)")
     if created:
         await record_first(
-            js, settings, RouteChange.now(state.split.current, None, "stream created", gen=1)
+            js,
+            settings,
+            RouteChange.now(state.split.current, None, "stream created", gen=1, split=state.split),
         )
     report.route = f"{describe_split(state.split)} (generation {state.gen})"
     if await ensure_registry_bucket(js, settings):

@@ -5,11 +5,12 @@ rewrites the transform, so an instance reacts at once without polling; a slow fa
 (``ROUTE_CHECK_INTERVAL``) covers an advisory missed during a disconnect. Only while retiring
 does the instance look at its consumer once a second, to see the backlog reach zero.
 
-An instance retires only when *it* saw its lane get new work and then saw the route take all of
-it away. An instance started into a lane that gets no new work waits for the route instead,
-however long: that is how an operator rolls back ("start v1 again, then ``route --rollback``"),
-and how a new version waits for its first ramp step. A paused instance that missed the switch
-had seen its lane get work when it started, so it still retires once it resumes.
+An instance retires only when its lane got new work *while the instance ran* and then lost all
+of it: it saw that live, or the route history shows a change after the generation the instance
+started in (a paused or partitioned instance missed it live). An instance started into a lane
+that gets no new work waits for the route instead, however long: that is how an operator rolls
+back ("start v1 again, then ``route --rollback``"), and how a new version waits for its first
+ramp step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ..settings import Settings
+from .lanes import history
 from .routing import describe_split, read_state
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ class LaneWatcher:
         self.worker = worker
         self.share: int | None = None  # percent of new work this lane gets, as last read
         self.route = "?"  # the split, for the log
-        self.was_current = False  # this instance saw its lane get new work
+        self.was_current = False  # its lane got new work while this instance ran
+        self.start_gen = 0  # the route generation this instance started in
         self._changed = asyncio.Event()
         self._idle_since: float | None = None
         self._sub: Subscription | None = None
@@ -59,6 +62,8 @@ class LaneWatcher:
     async def start(self) -> None:
         subject = self.settings.names.stream_updated_advisory
         self._sub = await self.nc.subscribe(subject, cb=self._on_advisory)
+        state = await read_state(self.nc.jetstream(), self.settings)
+        self.start_gen = state.gen if state else 0
         await self._read_route()
         if not self.share:
             log.info(
@@ -112,6 +117,12 @@ class LaneWatcher:
                 log.info("lane %s gets new work again: back to running", lane)
                 self.worker.retiring = False
             return
+        if not self.was_current and self.settings.auto_retire:
+            # Paused or partitioned while its lane got work and lost it again? The history knows.
+            self.was_current = any(
+                (change.gen or 0) > self.start_gen and change.share(lane)
+                for change in await history(js, self.settings)
+            )
         if not (self.was_current and self.settings.auto_retire):
             return
         if not self.worker.retiring:
