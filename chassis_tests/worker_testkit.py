@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -424,8 +425,11 @@ class WorkerEnv:
 
     @property
     def stored_subject(self) -> str:
-        """Where the stream's transform files ingress messages for the current lane."""
-        return f"{self.subject_root}.{LANE}.{JOB_TYPE}"
+        """A pattern (regex) of where the stream's transform files ingress messages: the route
+        generation, the bucket's tokens, the job type and, for a keyed job, its key."""
+        buckets = r"\.\d+" * 4  # <p10>.<p100>.<r1>.<r2>
+        root = re.escape(self.subject_root)
+        return rf"{root}\.{JOB_TYPE}\.g\d+{buckets}\.{JOB_TYPE}(\.[^.]+)?"
 
     def set(self, name: str, value: str) -> None:
         self.vars[name] = value

@@ -7,7 +7,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mktemp -d)
 cookiecutter --no-input "$root" -o "$out" worker_name=order-processor >/dev/null
 gen=$out/order-processor
-python "$root/tests/chassis_suite.py" "$gen" order_processor >/dev/null
+python "$root/tests/chassis_suite.py" "$gen" >/dev/null
 (cd "$gen" && { ruff check -q --fix . >/dev/null 2>&1 || true; ruff format -q .; ruff check -q --fix . >/dev/null 2>&1 || true; })
 python - "$root" "$gen" <<'PY'
 import sys

@@ -38,7 +38,11 @@ def render_chassis_suite(project: Path, cookiecutter: Mapping[str, Any]) -> Path
     return target
 
 
-if __name__ == "__main__":  # scripts/dev-bake: python tests/chassis_suite.py PROJECT PACKAGE
+if __name__ == "__main__":  # scripts/dev-bake: python tests/chassis_suite.py PROJECT
+    import json
     import sys
 
-    print(render_chassis_suite(Path(sys.argv[1]), {"__package_name": sys.argv[2]}))
+    project = Path(sys.argv[1])
+    # the answers the project was baked with (its replay file), derived names included
+    answers = json.loads((project / ".cookiecutter.json").read_text("utf-8"))["cookiecutter"]
+    print(render_chassis_suite(project, answers))

@@ -159,7 +159,8 @@ class Stack:
             timeout=20,
         )
 
-    def start_worker(self, *, env: dict[str, str] | None = None, network: str = "") -> str:
+    def start_worker(self, *args: str, env: dict[str, str] | None = None, network: str = "") -> str:
+        """Start a worker container; ``args`` replace the image's CMD (``run``)."""
         name = f"{self.prefix}-worker{len(self.workers) + 1}"
         self.workers.append(name)
         settings = {"NATS_URL": "nats://127.0.0.1:4222", "LOG_FORMAT": "json", **(env or {})}
@@ -167,7 +168,7 @@ class Stack:
         self.engine(
             "run", "-d", "--name", name,
             "--network", network or f"container:{self.nats}",
-            *env_args, self.image.tag,
+            *env_args, self.image.tag, *args,
         )  # fmt: skip
         return name
 
@@ -314,10 +315,11 @@ def test_processes_jobs(stack: Stack) -> None:
 
 
 def test_docker_stop_drains_a_running_job(stack: Stack) -> None:
-    worker = stack.start_worker(env={"DRAIN_TIMEOUT": f"{DRAIN_TIMEOUT:g}"})
+    # The chassis's demo job: its sender says how long it runs (the user's Job cannot).
+    worker = stack.start_worker("--app", "demo", "run", env={"DRAIN_TIMEOUT": f"{DRAIN_TIMEOUT:g}"})
     stack.wait_ready(worker)
     job = {"id": "long-1", "work_seconds": LONG_JOB_SECONDS}
-    stack.cli(worker, "publish", json.dumps(job))
+    stack.cli(worker, "--app", "demo", "publish", json.dumps(job))
     wait_for(
         "the long job to be in flight",
         lambda: stack.readyz(worker)[1].get("in_flight") == 1,

@@ -189,11 +189,11 @@ async def publish(url: str, subject: str, ids: list[str]) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
     for job_id in ids:
-        await js.publish(subject, json.dumps({"id": job_id}).encode(), headers={"Nats-Msg-Id": job_id})
+        data = json.dumps({"id": job_id}).encode()
+        await js.publish(subject, data, headers={"Nats-Msg-Id": job_id})
     await nc.close()
 
 
 def _write(path: Path, text: str) -> str:
     path.write_text(text, "utf-8")
     return str(path)
-

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import BakedProject, Baker
-from .test_generated_suite import _summary, assert_suite_passed, install_layered, run_suite
+from .test_generated_suite import _summary, install_layered, run_suite
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +58,7 @@ def test_no_chassis_module_imports_the_users_model(bake: Baker) -> None:
     assert importers == {"binding.py"}, importers
 
 
-def test_a_project_without_the_example_fields_passes_its_suite(
-    bake: Baker, tmp_path: Path
-) -> None:
+def test_a_project_without_the_example_fields_passes_its_suite(bake: Baker, tmp_path: Path) -> None:
     """A user replaces the example model and handler with their own: nothing else breaks."""
     baked = bake.fresh(worker_name="no-demo")
     package = baked.path / "src" / baked.package_name

@@ -662,7 +662,7 @@ def account(
         records.sort(key=lambda r: float(r.get("_t") or 0.0))
     dlq_ids: dict[str, list[Record]] = {}
     for entry in dlq:
-        dlq_ids.setdefault(str(entry.get("msg_id")), []).append(entry)
+        dlq_ids.setdefault(str(entry.get("job_id") or entry.get("msg_id")), []).append(entry)
     faults = [(at, what) for at, what in fleet.cluster.events if _is_fault(what)]
     duplicates = {k: len(v) for k, v in runs.items() if len(v) > 1}
     causes: Counter[str] = Counter(_duplicate_cause(runs[k], workers, faults) for k in duplicates)
@@ -745,6 +745,30 @@ def admin(cluster: NatsCluster, fn: Callable[[Client], Awaitable[T]], timeout: f
             await nc.close()
 
     return asyncio.run(go())
+
+
+def consumer_facts(cluster: NatsCluster, stream: str) -> list[str]:
+    """Each consumer's filters and positions: what a stranded job needs explained."""
+
+    async def read(nc: Client) -> list[str]:
+        answer = await js_api(nc, f"CONSUMER.LIST.{stream}")
+        out = []
+        for ci in answer.get("consumers") or []:
+            config = ci.get("config") or {}
+            filters = config.get("filter_subjects") or [config.get("filter_subject")]
+            out.append(
+                f"{ci.get('name')}: pending={ci.get('num_pending')} "
+                f"ack_pending={ci.get('num_ack_pending')} "
+                f"delivered={(ci.get('delivered') or {}).get('stream_seq')} "
+                f"ack_floor={(ci.get('ack_floor') or {}).get('stream_seq')} "
+                f"filters={len(filters)} e.g. {filters[:3]}"
+            )
+        return out
+
+    try:
+        return admin(cluster, read, 20)
+    except Exception as exc:  # diagnostics only
+        return [f"could not list consumers: {exc!r}"]
 
 
 def stream_messages(cluster: NatsCluster, stream: str, timeout: float = 20.0) -> int:
@@ -894,6 +918,7 @@ def finish(
         result.facts["duplicates (t from 1st fault)"] = describe_duplicates(result, fleet)
     if left:
         result.facts["left in the work stream"] = leftovers(cluster, fleet.stream)
+        result.facts["consumers then"] = consumer_facts(cluster, fleet.stream)
     print(result.report())
     print("events:\n" + "\n".join(f"  {t:.3f} {what}" for t, what in cluster.events))
     results.append(result)

@@ -766,7 +766,7 @@ def test_least_privilege_user_lives_a_whole_worker_life_without_a_violation(
     )
 
     v2 = worker.spawn("v2", LANE="v2", LOG_LEVEL="DEBUG")
-    assert "lane v2" in worker.ok("route", "v2", "--note", "least privilege")
+    assert "new work -> v2 100%" in worker.ok("route", "v2", "--note", "least privilege")
     assert v1.wait_exit(30) == 0, v1.tail()  # retired: its lane was routed away and is drained
     assert v1.with_msg("stopped ("), v1.tail()
     worker.ok("publish", json.dumps({"id": "lp-2"}))
@@ -909,7 +909,7 @@ def test_secrets_never_appear_in_any_output(
     worker.ok("status", "--json", **in_url)
     worker.ok("status", **with_seed)
     by_url = worker.spawn("by-url", LOG_LEVEL="DEBUG", **in_url)
-    assert "route already points at lane v1" in worker.ok("route", "v1", **with_seed)
+    assert "route already is v1 100%" in worker.ok("route", "v1", **with_seed)
     assert by_url.stop() == 0
     assert proc.stop() == 0
     assert "$WORKER_NATS_PASSWORD" in worker.ok("permissions", WORKER_NATS_PASSWORD=PASSWORD)

@@ -181,6 +181,21 @@ def test_setup_logging_text_is_for_people(
     assert not err.lstrip().startswith("{")
 
 
+def test_text_logs_keep_the_job_fields_as_key_value(
+    root_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job id, subject and trace id a JSON line carries are on a text line too."""
+    setup_logging("INFO", "text")
+    logging.getLogger("x").warning(
+        "job failed",
+        extra={"job_id": "A-1", "subject": "r.jobs.t", "trace_id": "ab" * 16, "note": "two words"},
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f'job failed job_id=A-1 subject=r.jobs.t trace_id={"ab" * 16} note="two words"'
+    ), err
+
+
 # --------------------------------------------------------------------------------- secrets
 
 

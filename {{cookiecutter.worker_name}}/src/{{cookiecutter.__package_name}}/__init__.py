@@ -1,7 +1,6 @@
 {{ cookiecutter.description | tojson }}  # the package docstring, from the template answer
 
 
-
 def __getattr__(name: str) -> str:
     """``__version__``, read from the installed metadata on first use: importing
     importlib.metadata costs more than the rest of ``--help``."""

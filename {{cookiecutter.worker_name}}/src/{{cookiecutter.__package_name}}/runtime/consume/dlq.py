@@ -488,6 +488,11 @@ class DeadLetter:
     def original_msg_id(self) -> bytes | None:
         return first_value(self.original_headers, MSG_ID)
 
+    @property
+    def original_job_id(self) -> bytes | None:
+        """``Job-Id`` when a move, rescue or replay set it, else the ``Nats-Msg-Id``."""
+        return first_value(self.original_headers, "Job-Id") or self.original_msg_id
+
     def original_header_pairs(self) -> list[tuple[str, str]]:
         return [(show(k), show(v)) for k, v in map(split_line, header_lines(self.original_headers))]
 
@@ -504,6 +509,8 @@ class DeadLetter:
             "subject": h.get(H_SUBJECT),
             "stream_seq": _int(h.get(H_SEQUENCE)),
             "msg_id": show(original_id) if original_id is not None else h.get(H_MSG_ID),
+            # the job's identity through moves, rescues and replays (their ids differ)
+            "job_id": show(job_id) if (job_id := self.original_job_id) else h.get(H_MSG_ID),
             "worker_version": h.get(H_VERSION),
             "lane": h.get(H_LANE),
             "time": h.get(H_TIME),

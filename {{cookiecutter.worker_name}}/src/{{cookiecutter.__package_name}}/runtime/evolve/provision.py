@@ -20,6 +20,7 @@ from .routing import (
 )
 from .topology import (
     ProvisionReport,
+    consumer_filters,
     dlq_config,
     ensure_consumer,
     ensure_stream,
@@ -45,7 +46,9 @@ async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport
     info = await ensure_stream(js, stream_config(settings, state.gen), report, keep_route=True)
     await ensure_stream(js, dlq_config(settings), report, keep_route=False)
     for _ in range(STABLE_TRIES):
-        await ensure_consumer(js, settings, report, lane_filters(settings, state, settings.lane))
+        want = lane_filters(settings, state, settings.lane)
+        want += await _newer_filters(js, settings, state)
+        await ensure_consumer(js, settings, report, want)
         latest = await read_state(js, settings)
         if latest is None or latest.revision == state.revision:
             break
@@ -64,6 +67,23 @@ async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport
     if await ensure_registry_bucket(js, settings):
         report.created.append(f"bucket {settings.names.registry_bucket}")
     return report
+
+
+async def _newer_filters(js: JetStreamContext, settings: Settings, state: RouteState) -> list[str]:
+    """Filters this lane's consumer already has for generations newer than ``state``.
+
+    A route step may have added them after we read the state; removing them, even for a
+    moment, would strand jobs (a consumer does not go back for messages it has passed).
+    """
+    try:
+        info = await js.consumer_info(settings.stream_name, settings.names.durable)
+    except NotFoundError:
+        return []
+    return [
+        f
+        for f in consumer_filters(info.config)
+        if (settings.names.gen_of_filter(f) or 0) > state.gen
+    ]
 
 
 async def _state(js: JetStreamContext, settings: Settings) -> tuple[RouteState, bool]:

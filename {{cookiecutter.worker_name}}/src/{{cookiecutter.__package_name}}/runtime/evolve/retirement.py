@@ -27,6 +27,7 @@ from nats.aio.subscription import Subscription
 from ..settings import Settings
 from .lanes import history
 from .routing import describe_split, read_state
+from .stranded import rescue_stranded
 
 log = logging.getLogger(__name__)
 _RETIRING_CHECK = 1.0
@@ -111,6 +112,10 @@ class LaneWatcher:
         js = self.nc.jetstream()
         lane = self.settings.lane
         await self._read_route()
+        try:  # a job this lane's consumer skipped would otherwise wait forever
+            await rescue_stranded(js, self.settings, self.settings.names.durable)
+        except Exception as exc:  # an election or an outage: the next check tries again
+            log.debug("stranded-job sweep failed: %s", exc)
         if self.share:
             self._idle_since = None
             if self.worker.retiring:

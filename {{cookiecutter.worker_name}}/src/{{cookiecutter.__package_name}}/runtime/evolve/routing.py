@@ -181,12 +181,23 @@ def initial_state(settings: Settings, info: StreamInfo | None) -> RouteState:
     return RouteState(gen=1, split=split, generations={1: split}, legacy=legacy)
 
 
+NO_MESSAGE = 10037  # JetStream's err_code for "no message found"
+
+
 async def generation_empty(js: JetStreamContext, settings: Settings, subject: str) -> bool:
-    """Whether the stream holds no message under ``subject`` (a direct read, no consumer)."""
+    """Whether the stream surely holds no message under ``subject`` (a read, no consumer).
+
+    Only the server's "no message found" counts as empty. Any other answer, a 404 for a stream
+    that is electing a leader included, counts as "not known to be empty": dropping a
+    generation that still holds jobs would strand them (the chaos suite saw that, with a node
+    down).
+    """
     try:
         await js.get_msg(settings.stream_name, seq=1, next=True, subject=subject)
-    except NotFoundError:
-        return True
+    except NotFoundError as exc:
+        return exc.err_code == NO_MESSAGE
+    except Exception as exc:  # timeouts, elections: not empty as far as we know
+        log.debug("could not tell whether %s is empty: %s", subject, exc)
     return False
 
 

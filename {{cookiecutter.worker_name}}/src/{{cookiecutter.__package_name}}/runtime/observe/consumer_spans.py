@@ -10,7 +10,7 @@ opens per message, at about 10 µs in all (measured by the template's ``bench/``
 * the span's context is made current, so log lines, retries, DLQ entries, publishes and the
   handler's own SDK spans join the trace exactly as with an SDK span;
 * a sampled span is one tuple on a queue. A background thread encodes batches to OTLP protobuf,
-  with each subject's name and the static attributes encoded once, and POSTs them to the
+  with the span's name and the static attributes encoded once, and POSTs them to the
   ``OTEL_EXPORTER_OTLP_*`` endpoint (headers, timeout, compression and TLS files honoured).
 
 Anything else (PRODUCER and replay spans, the handler's spans, console output, other samplers)
@@ -307,7 +307,14 @@ class OtlpEncoder:
         self._resource = _field(b"\x0a", resource_pb)  # ResourceSpans.resource = 1
         self._scope = _field(b"\x0a", scope_pb.SerializeToString())  # ScopeSpans.scope = 1
         self._static = self.attributes(static_attributes)
-        self._heads: dict[str, bytes] = {}
+        # Name, kind and the static attributes: the same for every delivery (the destination is
+        # the ingress, so no per-subject state grows with keys or buckets).
+        destination = static_attributes.get("messaging.destination.name", "")
+        self._head = (
+            _field(b"\x2a", f"process {destination}".encode())  # name = 5
+            + b"\x30\x05"  # kind = 6: SPAN_KIND_CONSUMER
+            + self._static
+        )
         # Keys of the per-delivery attributes, as KeyValue.key fields followed by the tag of
         # KeyValue.value (2): only the value is written per span.
         self._delivery_key = _field(b"\x0a", b"messaging.nats.delivery_count") + b"\x12"
@@ -318,16 +325,6 @@ class OtlpEncoder:
     def attributes(attributes: Mapping[str, Any]) -> bytes:
         """Span.attributes (field 9) entries, encoded once."""
         return b"".join(_field(b"\x4a", kv.SerializeToString()) for kv in _key_values(attributes))
-
-    def _head(self, subject: str) -> bytes:
-        """Name, kind and every attribute that depends only on the subject."""
-        head = self._heads[subject] = (
-            _field(b"\x2a", f"process {subject}".encode())  # name = 5
-            + b"\x30\x05"  # kind = 6: SPAN_KIND_CONSUMER
-            + self.attributes({"messaging.destination.name": subject})
-            + self._static
-        )
-        return head
 
     @staticmethod
     def _attribute(key: bytes, value: bytes) -> bytes:
@@ -378,7 +375,7 @@ class OtlpEncoder:
 
     def span(self, record: Record) -> bytes:
         """One ScopeSpans.spans entry (field 2)."""
-        trace_id, span_id, parent_id, start, end, subject, reply, msg_id, failure = record
+        trace_id, span_id, parent_id, start, end, _subject, reply, msg_id, failure = record
         body = b"".join(
             (
                 b"\x0a\x10",  # trace_id = 1
@@ -386,7 +383,7 @@ class OtlpEncoder:
                 b"\x12\x08",  # span_id = 2
                 span_id.to_bytes(8, "big"),
                 b"\x22\x08" + parent_id.to_bytes(8, "big") if parent_id else b"",  # parent = 4
-                self._heads.get(subject) or self._head(subject),
+                self._head,
                 b"\x39",  # start_time_unix_nano = 7
                 _U64(start),
                 b"\x41",  # end_time_unix_nano = 8

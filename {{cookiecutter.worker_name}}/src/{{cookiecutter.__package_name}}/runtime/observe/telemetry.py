@@ -96,7 +96,7 @@ class Telemetry:
         self._shutdown = shutdown
         self._static = consumer_attributes(settings)
         self.backlog: dict[str, int] = {"pending": 0, "unacked": 0}
-        self._names: dict[str, str] = {}  # span name per subject, built once
+        self._consume_name = f"process {settings.names.ingress}"  # the same for every job
         # messaging.process.duration, aggregated by the chassis (see job_durations.py); the
         # worker records into it directly. None when metrics are off.
         self.durations = durations
@@ -166,21 +166,16 @@ class Telemetry:
         """Start the CONSUMER span of one delivery and make it current.
 
         The hot path of tracing, so it does the least it can: the producer's context is
-        extracted only when a ``traceparent`` came along, span names are cached per subject, and
+        extracted only when a ``traceparent`` came along, the span name is built once, and
         attributes (which need the parsed ack metadata) are set only on a recording span.
         Returns the span and the context token for :meth:`end_consume`.
         """
         headers = msg.headers
         parent = self.extract(headers) if headers and "traceparent" in headers else None
-        subject = msg.subject
-        name = self._names.get(subject)
-        if name is None:
-            name = self._names[subject] = f"process {subject}"
-        span = self.tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER)
+        span = self.tracer.start_span(self._consume_name, context=parent, kind=SpanKind.CONSUMER)
         if span.is_recording():
             meta = msg.metadata
             span.set_attributes(self._static)
-            span.set_attribute(ATTR_DESTINATION, subject)
             span.set_attribute(ATTR_DELIVERY_COUNT, int(meta.num_delivered or 1))
             span.set_attribute(ATTR_STREAM_SEQ, meta.sequence.stream)
             if headers and (msg_id := headers.get("Nats-Msg-Id")):
@@ -266,9 +261,14 @@ class Telemetry:
 
 
 def consumer_attributes(settings: Settings) -> dict[str, str]:
-    """The CONSUMER span's attributes that are the same for every delivery."""
+    """The CONSUMER span's attributes that are the same for every delivery.
+
+    The destination is the ingress, not the stored subject: that one carries the route
+    generation, the bucket and the job's key, and would make span names unbounded.
+    """
     return {
         ATTR_SYSTEM: "nats",
+        ATTR_DESTINATION: settings.names.ingress,
         ATTR_OPERATION: "process",
         ATTR_OPERATION_NAME: "process",
         ATTR_CONSUMER: settings.names.durable,

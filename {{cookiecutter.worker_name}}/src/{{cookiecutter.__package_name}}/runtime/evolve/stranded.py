@@ -1,0 +1,69 @@
+"""Rescue stranded jobs: stored, owned by a lane's filters, but behind its consumer's ack floor.
+
+On a work-queue stream an acknowledged job is deleted, so a job that is still stored although
+its lane's consumer acknowledged everything up to a later sequence was skipped: that consumer
+will never deliver it. JetStream does this when a consumer gains a filter for messages it has
+already passed (``ramp-notes``), and the chaos suite saw it on an R3 stream while route steps
+changed the lane consumers' filters under load (hundreds of jobs per run, healthy cluster or
+not). No route step should cause it, but nothing may be lost if one does.
+
+Each instance sweeps its own lane at every route check: one consumer read and one direct read
+per filter when nothing is stranded. A stranded job is republished through the ingress (so the
+current split routes it) with a ``Nats-Msg-Id`` derived from its stream sequence, then deleted:
+a sweep that dies in between, or two instances sweeping at once, leave one copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from ..publish import publish_patiently
+from ..settings import Settings
+from .topology import consumer_filters
+
+log = logging.getLogger(__name__)
+STRANDED_FROM = "Stranded-Seq"
+
+
+async def rescue_stranded(js: JetStreamContext, settings: Settings, durable: str) -> int:
+    """Republish the jobs ``durable`` skipped; returns how many were rescued."""
+    info = await js.consumer_info(settings.stream_name, durable)
+    floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+    rescued = 0
+    for subject_filter in consumer_filters(info.config):
+        seq = 1
+        while seq <= floor:
+            try:
+                raw = await js.get_msg(
+                    settings.stream_name, seq=seq, next=True, subject=subject_filter
+                )
+            except NotFoundError:
+                break
+            if raw.seq is None or raw.seq > floor:
+                break
+            headers = {k: str(v) for k, v in (raw.headers or {}).items()}
+            job_id = headers.get("Nats-Msg-Id") or "job"
+            headers.update(
+                {STRANDED_FROM: str(raw.seq), "Nats-Msg-Id": f"{job_id}:stranded:{raw.seq}"}
+            )
+            headers.setdefault("Job-Id", job_id)
+            subject = settings.names.ingress_for_stored(raw.subject or "")
+            await publish_patiently(js, subject, raw.data or b"", headers)
+            # NotFound: another instance rescued it first, and our copy was deduplicated
+            with contextlib.suppress(NotFoundError):
+                await js.delete_msg(settings.stream_name, raw.seq)
+            rescued += 1
+            seq = raw.seq + 1
+    if rescued:
+        log.warning(
+            "rescued %d job(s) that consumer %s had skipped (stored behind its ack floor %d); "
+            "republished through the ingress",
+            rescued,
+            durable,
+            floor,
+        )
+    return rescued
