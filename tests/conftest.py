@@ -110,12 +110,13 @@ class BakedProject:
         return (self.path / relpath).read_text(encoding="utf-8")
 
     def requirements(self) -> list[str]:
-        """The project's runtime dependencies and those of all its extras (PEP 508 strings)."""
+        """The project's runtime dependencies and those of all its extras (PEP 508 strings),
+        without its references to itself (``NAME[chassis]`` in the dependencies)."""
         project = tomllib.loads(self.read("pyproject.toml"))["project"]
         needed = list(project.get("dependencies", []))
         for extra in project.get("optional-dependencies", {}).values():
             needed += extra
-        return needed
+        return [r for r in needed if requirement_name(r) != requirement_name(project["name"])]
 
     def files(self) -> list[Path]:
         """Every generated file, relative to the project, sorted; tool caches left out."""

@@ -69,8 +69,23 @@ def test_uv_dev_group_is_the_dev_extra(bake: Baker) -> None:
     pyproject = project_table(baked)
     assert pyproject["dependency-groups"] == {"dev": [f"{baked.worker_name}[dev]"]}
     extras = pyproject["project"]["optional-dependencies"]  # type: ignore[index]
-    assert set(extras) == {"dev"}
+    assert set(extras) == {"chassis", "dev"}
     assert any(Requirement(r).name == "pytest" for r in extras["dev"])
+
+
+def test_the_users_dependencies_are_a_list_of_their_own(bake: Baker) -> None:
+    """`[project] dependencies` is the user's (`uv add` writes there): the template puts only a
+    reference to its own list, the `chassis` extra, in it, so a template update never changes
+    it, and every install of the project (uv sync, pip, the image's `uv export`) brings both."""
+    baked = bake()
+    project = project_table(baked)["project"]
+    assert project["dependencies"] == [f"{baked.worker_name}[chassis]"]  # type: ignore[index]
+    chassis = project["optional-dependencies"]["chassis"]  # type: ignore[index]
+    assert {"nats-py", "pydantic", "opentelemetry-sdk"} <= {Requirement(r).name for r in chassis}
+    # uv flattens the self-reference: the lock's project entry depends on the chassis's list.
+    lock = tomllib.loads(baked.read("uv.lock"))
+    (entry,) = [p for p in lock["package"] if p["name"] == baked.worker_name]
+    assert {d["name"] for d in entry["dependencies"]} == {Requirement(r).name for r in chassis}
 
 
 def test_every_dependency_has_an_upper_bound(bake: Baker) -> None:

@@ -5,7 +5,7 @@ The scenario, with real tools and real git repositories in a temporary directory
 1. the template (this repository's working tree) is committed to a scratch git repo: commit A;
 2. ``cruft create`` generates a project from A; the project is committed to its own git repo;
 3. the user edits ``handler.py`` (their business logic) and commits;
-4. the template changes a chassis file (``runtime/consume.worker.py``): commit B;
+4. the template changes a chassis file (``runtime/consume/worker.py``): commit B;
 5. ``cruft update -y`` in the project;
 6. the chassis change arrived, the user's edit is intact, ``.cruft.json`` points at B, and the
    project's unit tests still pass (installed editable into a throwaway venv layered on this one).
@@ -36,21 +36,28 @@ import shutil
 import site
 import subprocess
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, requirement_name
+from .uv_project import clean_env, find_python, uv_binary
 
 pytestmark = pytest.mark.slow
 
 WORKER = "update-probe"  # not the default name: nothing installed in this venv shadows it
 PACKAGE = WORKER.replace("-", "_")
-CHASSIS_FILE = Path("src", PACKAGE, "runtime", "worker.py")
+CHASSIS_FILE = Path("src", PACKAGE, "runtime", "consume", "worker.py")
 TEMPLATE_CHASSIS_FILE = Path(
-    "{{cookiecutter.worker_name}}", "src", "{{cookiecutter.__package_name}}", "runtime", "worker.py"
+    "{{cookiecutter.worker_name}}",
+    "src",
+    "{{cookiecutter.__package_name}}",
+    "runtime",
+    "consume",
+    "worker.py",
 )
 CHASSIS_MARK = "# chassis update B: the template's newer worker.py"
 USER_MARK = "    # user edit: our own business rule lives here"
@@ -164,9 +171,7 @@ def unit_tests_pass(project: Path, venv: Path) -> None:
          "--disable-pip-version-check", "--no-deps", "--no-build-isolation", "--editable", project],
         project,
     )  # fmt: skip
-    run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], project, timeout=600
-    )
+    run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], project, timeout=600)
 
 
 @pytest.mark.timeout(600)
@@ -268,8 +273,9 @@ def check_update(project: Path) -> subprocess.CompletedProcess[str]:
 def test_a_conflicting_update_is_detected_and_reported(
     template: Template, tmp_path: Path, cookiecutter_config: Path
 ) -> None:
-    """pyproject.toml is co-owned: the user's change and the template's to the same line
-    conflict. cruft may still say it succeeded; scripts/check-update must not."""
+    """A user who edits the template's own line in pyproject.toml (the chassis's list) and a
+    template update of that line conflict. cruft may still say it succeeded;
+    scripts/check-update must not."""
     # Template C: B plus a change to the generated pyproject.toml's dependencies.
     pyproject = template.repo / TEMPLATE_PYPROJECT
     text = pyproject.read_text(encoding="utf-8")
@@ -321,3 +327,94 @@ def test_a_conflicting_update_is_detected_and_reported(
     lines = result.stdout.splitlines()
     assert any(line.startswith("pyproject.toml") for line in lines), result.stdout
     assert lines[-1].startswith("check-update: 1 file(s)"), result.stdout
+
+
+def uv(*args: str, project: Path) -> str:
+    """uv in the project, without this venv or CI=true in its environment."""
+    result = subprocess.run(
+        [uv_binary(), *args], cwd=project, env=clean_env(), capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, f"uv {' '.join(args)}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+TEMPLATE_LOCK = Path("{{cookiecutter.worker_name}}", "uv.lock")
+LOCKED_PYDANTIC = '{ name = "pydantic", marker = "extra == \'chassis\'", specifier = ">=2.7,<3" }'
+USER_DEPENDENCY = "iniconfig"  # in the lock already, for the dev tools only: no download
+
+
+@pytest.mark.timeout(600)
+def test_the_users_dependencies_survive_a_template_dependency_update(
+    template: Template, tmp_path: Path, cookiecutter_config: Path
+) -> None:
+    """The user's list (``[project] dependencies``) and the template's (the ``chassis`` extra)
+    are apart: the user's ``uv add`` and a template update that moves a chassis dependency merge
+    without a conflict in pyproject.toml; uv.lock follows with one `uv lock`; the image's export
+    has both."""
+    # Template D, from A: a chassis dependency range moves, in pyproject.toml and in the lock
+    # (the lock edit is what scripts/relock writes for this change: no locked version moves).
+    tree = tmp_path / "tmpl-d"
+    git(template.repo, "worktree", "add", "-q", "-b", "template-d", str(tree), template.commit_a)
+    pyproject, lock = tree / TEMPLATE_PYPROJECT, tree / TEMPLATE_LOCK
+    text, locked = pyproject.read_text("utf-8"), lock.read_text("utf-8")
+    assert TEMPLATE_LINE in text, "the generated pyproject.toml changed shape: update this test"
+    assert LOCKED_PYDANTIC in locked, "uv.lock changed shape: update this test"
+    pyproject.write_text(text.replace(TEMPLATE_LINE, '    "pydantic>=2.8,<3",\n'), "utf-8")
+    lock.write_text(locked.replace(LOCKED_PYDANTIC, LOCKED_PYDANTIC.replace("2.7", "2.8")), "utf-8")
+    git(tree, "commit", "-q", "-am", "template D: a chassis dependency range moves")
+    commit_d = git(tree, "rev-parse", "HEAD").strip()
+
+    env = {"COOKIECUTTER_CONFIG": str(cookiecutter_config)}
+    context = json.dumps({"worker_name": WORKER})
+    run(
+        [tool("cruft"), "create", template.repo, "--no-input", "--checkout", template.commit_a,
+         "--output-dir", tmp_path, "--extra-context", context],
+        tmp_path,
+        env,
+    )  # fmt: skip
+    project = tmp_path / WORKER
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "generated from template A")
+
+    # The user adds a dependency the documented way; uv writes pyproject.toml and uv.lock.
+    answers = json.loads((project / ".cookiecutter.json").read_text("utf-8"))["cookiecutter"]
+    python = find_python(answers["python_version"])
+    uv("add", "--no-sync", "--python", python, f"{USER_DEPENDENCY}>=2,<3", project=project)
+    ours = project / "pyproject.toml"
+    user_line = f'    "{USER_DEPENDENCY}>=2,<3",\n'
+    assert user_line in ours.read_text("utf-8")
+    git(project, "commit", "-q", "-am", f"user: uv add {USER_DEPENDENCY}")
+
+    run([tool("cruft"), "update", "-y", "--checkout", commit_d], project, env)
+
+    # pyproject.toml merges. uv.lock may not (uv rewrote the user's, and it sorts the project's
+    # own entry by its name); the README's fix: the template's lock, then `uv lock`.
+    reported = check_update(project).stdout.splitlines()[:-1]
+    assert all(line.startswith("uv.lock:") for line in reported), reported
+    if reported:
+        git(project, "checkout", "--theirs", "uv.lock")
+        uv("lock", "--python", python, project=project)
+    result = check_update(project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    merged = ours.read_text("utf-8")
+    assert user_line in merged, merged
+    assert '    "pydantic>=2.8,<3",\n' in merged, merged
+    assert TEMPLATE_LINE not in merged
+    project_table = tomllib.loads(merged)["project"]
+    assert f"{USER_DEPENDENCY}>=2,<3" in project_table["dependencies"]
+    assert "pydantic>=2.8,<3" in project_table["optional-dependencies"]["chassis"]
+    # The lock matches the merged pyproject.toml and keeps the template's new range.
+    assert LOCKED_PYDANTIC.replace("2.7", "2.8") in (project / "uv.lock").read_text("utf-8")
+    uv("lock", "--check", "--offline", "--python", python, project=project)
+    # What the Dockerfile installs: the user's dependency and the chassis's.
+    exported = uv(
+        "export", "--locked", "--offline", "--no-dev", "--no-emit-project", "--no-header",
+        "--no-hashes", "--python", python, project=project,
+    )  # fmt: skip
+    names = {requirement_name(line) for line in exported.splitlines() if line[:1].isalnum()}
+    assert {USER_DEPENDENCY, "pydantic", "nats-py"} <= names, exported
+    assert "pytest" not in names, exported  # --no-dev: no test tools in the image
+    dockerfile = (project / "Dockerfile").read_text("utf-8")
+    assert "uv export --locked --no-dev --no-emit-project" in dockerfile
