@@ -145,7 +145,13 @@ async def _serve_worker(
                 poller = asyncio.create_task(_poll_backlog(worker, settings, telemetry))
                 worker.closing_hooks.append(_cancel(poller))
         registry = Registry(
-            worker.nc, settings, snapshot, ready=worker.ready, samples=lambda: worker.recent
+            worker.nc,
+            settings,
+            snapshot,
+            ready=worker.ready,
+            samples=lambda: worker.recent,
+            job_model=worker.job_model,
+            stop=worker.stop,
         )
         await registry.start()
         worker.closing_hooks.append(registry.stop)

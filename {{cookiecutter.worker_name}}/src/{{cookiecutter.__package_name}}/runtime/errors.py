@@ -16,6 +16,8 @@ Errors the chassis reports to the operator (one line, a documented exit code)::
     ├── RouteRefusedError -- route change refused  -> EXIT_REFUSED (75)
     ├── NotPermittedError -- account not allowed,  -> EXIT_NOPERM (77)
     │                        or credentials refused
+    ├── RolledBackError   -- a rollout failed a    -> EXIT_ROLLED_BACK (79)
+    │                        gate and was rolled back
     └── InputError        -- bad CLI input         -> EXIT_DATAERR (65)
 """
 
@@ -31,6 +33,7 @@ EXIT_PROVISION = 73  # stream or consumer exists with settings JetStream cannot 
 EXIT_REFUSED = 75  # route refused: the target lane has no live instance, or no earlier lane
 EXIT_NOPERM = 77  # the NATS account may not do what was asked, or its credentials were refused
 EXIT_CONFIG = 78  # invalid configuration (env var, .env file, missing creds/TLS file)
+EXIT_ROLLED_BACK = 79  # a gated rollout failed a gate (or was aborted) and rolled back
 EXIT_INTERRUPTED = 130  # a second signal forced a fast stop; unfinished jobs were handed back
 
 
@@ -101,6 +104,14 @@ class NotPermittedError(WorkerError):
     """The NATS account is not allowed to do this, or its credentials are no longer accepted."""
 
     exit_code = EXIT_NOPERM
+
+
+class RolledBackError(WorkerError):
+    """A gated rollout (``rollout``) failed a gate, or was aborted, and rolled the new lane back:
+    new work goes to the stable lane again, and the new lane's waiting and failed jobs with it.
+    The message is the reason, with the figures behind it."""
+
+    exit_code = EXIT_ROLLED_BACK
 
 
 class InputError(WorkerError):

@@ -15,8 +15,12 @@ workers may share a root: each stream owns only its own job type's subjects::
                                   lane consumers own buckets through their filters
     <root>.<lane>.>               stored by the template's layout before generations (legacy),
                                   drained by that lane's consumer until it is empty
+    <root>.<type>.parked.<lane>   the filter of a lane that owns no buckets; the stream stores
+                                  it as published, so it doubles as that lane's smoke inbox
+                                  (``rollout --smoke``: jobs straight to a lane without share)
     <root>.dlq.<type>[.part]      dead letters (parts of one too big for a message)
-    <root>.instances.<instance>   each instance's status endpoint (micro service)
+    <root>.<type>.instances.<instance>[.contract]
+                                  each instance's status (and contract) endpoint (micro service)
 """
 
 from __future__ import annotations
@@ -97,8 +101,9 @@ class Names:
 
     @property
     def stream_subjects(self) -> list[str]:
-        """What the work stream captures: this job type only, keyed or not."""
-        return [self.ingress, f"{self.ingress}.*"]
+        """What the work stream captures: this job type only, keyed or not, and the smoke
+        inboxes of lanes without share (see :meth:`smoke_subject`)."""
+        return [self.ingress, f"{self.ingress}.*", f"{self.root}.{self.job_type}.parked.*"]
 
     @property
     def ingress_filter(self) -> str:
@@ -123,6 +128,12 @@ class Names:
         number = head[len(prefix) :]
         return int(number) if head.startswith(prefix) and number.isdigit() else None
 
+    def gen_of_filter(self, subject_filter: str) -> int | None:
+        """The generation a consumer filter belongs to; None for a legacy or parked one."""
+        prefix = f"{self.root}.{self.job_type}.g"
+        number = subject_filter[len(prefix) :].split(".", 1)[0]
+        return int(number) if subject_filter.startswith(prefix) and number.isdigit() else None
+
     def legacy_lane_filter(self, lane: str) -> str:
         """Where the layout before generations stored a lane's jobs."""
         return f"{self.root}.{lane}.>"
@@ -138,6 +149,12 @@ class Names:
     def parked_filter(self, lane: str) -> str:
         """A filter nothing is stored under: a lane without buckets still needs one."""
         return f"{self.root}.{self.job_type}.parked.{lane}"
+
+    def smoke_subject(self, lane: str) -> str:
+        """Where ``rollout --smoke`` publishes jobs straight to ``lane`` before it gets a share:
+        its parked filter, which only its consumer owns (stored as published: the route
+        transform's source, ``<root>.jobs.>``, does not match it)."""
+        return self.parked_filter(lane)
 
     def ingress_for_stored(self, stored: str) -> str:
         """The ingress subject a stored job was published to (for moving or replaying it)."""
@@ -163,7 +180,18 @@ class Names:
         return [self.dlq_subject, self.dlq_parts]
 
     def instance_subject(self, instance: str) -> str:
-        return f"{self.root}.instances.{instance}"
+        """One instance's micro-service endpoints (``status``, ``contract``) live under this."""
+        return f"{self.instances_prefix}.{instance}"
+
+    @property
+    def instances_prefix(self) -> str:
+        """Per job type, so workers sharing a root cannot reach each other's instances."""
+        return f"{self.root}.{self.job_type}.instances"
+
+    def instance_endpoint(self, instance: str, endpoint: str) -> str:
+        """An instance's other micro endpoints: ``contract`` (its job model's JSON Schema),
+        ``validate`` (does its model accept these payloads?) and ``retire`` (stop now)."""
+        return f"{self.instance_subject(instance)}.{endpoint}"
 
     @property
     def inbox_prefix(self) -> str:
@@ -187,6 +215,12 @@ class Names:
     def route_bucket(self) -> str:
         """KV: the route history (when, from which lane, to which, by whom)."""
         return f"{self.stream}_ROUTE"
+
+    @property
+    def rollout_key(self) -> str:
+        """The key of the gated rollout's state (definition, step, lease, decisions) in the
+        route bucket: every write to it is a compare-and-set."""
+        return "rollout"
 
     @property
     def registry_bucket(self) -> str:

@@ -47,7 +47,7 @@ from .routing import (
     write_state,
 )
 from .split import Split
-from .topology import gen_of_transform, route_transform
+from .topology import consumer_filters, gen_of_transform, route_transform
 
 log = logging.getLogger(__name__)
 ROUTE_KEY = "route"
@@ -160,25 +160,44 @@ async def lane_consumers(js: JetStreamContext, settings: Settings) -> dict[str, 
 
 
 async def sync_consumers(js: JetStreamContext, settings: Settings, state: RouteState) -> None:
-    """Give every lane consumer exactly the filters ``state`` assigns its lane."""
-    for lane, durable in (await lane_consumers(js, settings)).items():
-        want = lane_filters(settings, state, lane)
-        ci = await patiently(
-            lambda d=durable: js.consumer_info(settings.stream_name, d),  # type: ignore[misc]
-            "reading a consumer",
-        )
-        have = list(ci.config.filter_subjects or [])
-        if not have and ci.config.filter_subject:
-            have = [ci.config.filter_subject]
-        if sorted(have) == sorted(want):
-            continue
-        config = ci.config
-        config.filter_subject = None
-        config.filter_subjects = want
-        await patiently(
-            lambda c=config: js.add_consumer(settings.stream_name, c),  # type: ignore[misc]
-            f"updating the filters of {durable}",
-        )
+    """Give every lane consumer exactly the filters ``state`` assigns its lane.
+
+    A consumer listing can miss consumers while the stream elects a leader, so every lane the
+    state gives work is also looked up by name; one that cannot be read stops the step (before
+    the transform moves), rather than leaving that lane's new buckets to nobody.
+    """
+    found = await lane_consumers(js, settings)
+    for lane in state.lanes():
+        if lane not in found:
+            name = settings.names.consumer(lane)
+            try:
+                await patiently(
+                    lambda n=name: js.consumer_info(settings.stream_name, n),  # type: ignore[misc]
+                    "reading a consumer",
+                )
+            except NotFoundError:
+                continue  # no consumer yet: its first instance provisions it with the filters
+            found[lane] = name
+    for lane, durable in found.items():
+        await sync_filters(js, settings, durable, lane_filters(settings, state, lane))
+
+
+async def sync_filters(
+    js: JetStreamContext, settings: Settings, durable: str, want: list[str]
+) -> bool:
+    """Set ``durable``'s filters to ``want``; True when they had to change."""
+    ci = await patiently(
+        lambda: js.consumer_info(settings.stream_name, durable), "reading a consumer"
+    )
+    if sorted(consumer_filters(ci.config)) == sorted(want):
+        return False
+    config = ci.config
+    config.filter_subject = None
+    config.filter_subjects = want
+    await patiently(
+        lambda: js.add_consumer(settings.stream_name, config), f"updating the filters of {durable}"
+    )
+    return True
 
 
 async def reconcile(js: JetStreamContext, settings: Settings, state: RouteState) -> RouteState:
@@ -277,11 +296,13 @@ async def switch(
         if force:
             continue
         await _require_live(nc, settings, lane)
-        if lane not in consumers:
+        if lane not in consumers and not await _consumer_exists(js, settings, lane):
             raise RouteRefusedError(
                 f"lane {lane} has no consumer on stream {settings.stream_name}: start a worker "
                 f"with LANE={lane} (it provisions its consumer) or pass --force"
             )
+        if not rollback:
+            await require_contract(nc, settings, previous.current, lane)
     while True:
         try:
             staged = await write_state(js, settings, state.step(split))
@@ -307,6 +328,32 @@ async def switch(
                 result.moved += moved
                 result.left_in_flight += left
     return result
+
+
+async def require_contract(nc: Client, settings: Settings, current: str, lane: str) -> None:
+    """The schema gate (see ``contract_gate.py``): refuse a lane whose job model breaks the
+    current lane's contract, or rejects stored jobs. ``--force`` skips it."""
+    from .contract_gate import check
+
+    problems = await check(nc, settings, current, lane)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise RouteRefusedError(
+            f"{problems[0]}{more}: fix the model (make the field optional, with a default), or "
+            "pass --force once the stored jobs and producers match it"
+        )
+
+
+async def _consumer_exists(js: JetStreamContext, settings: Settings, lane: str) -> bool:
+    """A lane's durable by its computed name: the listing can miss one during an election."""
+    try:
+        await patiently(
+            lambda: js.consumer_info(settings.stream_name, settings.names.consumer(lane)),
+            "reading a consumer",
+        )
+    except NotFoundError:
+        return False
+    return True
 
 
 async def _require_live(nc: Client, settings: Settings, lane: str) -> None:

@@ -4,6 +4,9 @@ Two views, both plain NATS:
 
 * every instance is a NATS micro service (``nats micro ls``, ``$SRV.PING|INFO|STATS.<worker>``)
   with metadata lane, instance and state: it answers only while its process lives;
+* every instance also answers ``contract`` (its job model's JSON Schema: what ``route`` and
+  ``rollout`` compare between lanes), ``validate`` (does its model accept these payloads? run on a
+  sample of the stored backlog) and ``retire`` (stop now, as a rollback asks of a bad lane);
 * every instance puts a heartbeat (state, counters, in-flight) into a KV bucket whose entries
   expire after ``INSTANCE_TTL``: a killed instance drops out of ``status`` within that time, and a
   stopped one leaves its final ``stopped`` heartbeat behind until then.
@@ -20,7 +23,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats import micro
 from nats.aio.client import Client
@@ -33,9 +36,13 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from ... import __version__
+from ..errors import describe
 from ..names import DESCRIPTION, WORKER_NAME
 from ..settings import Settings
 from .topology import ensure_bucket
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 Snapshot = Callable[[], dict[str, Any]]
@@ -67,12 +74,17 @@ class Registry:
         snapshot: Snapshot,
         ready: asyncio.Event | None = None,
         samples: Callable[[], Iterable[float]] | None = None,
+        job_model: type[BaseModel] | None = None,
+        stop: Callable[[str], None] | None = None,
     ) -> None:
         self.nc = nc
         self.settings = settings
         self.snapshot = snapshot
         self._ready = ready  # beat as soon as it is set: status shows "running" at once
         self._samples = samples  # recent handling times (s), for the status endpoint
+        self._job_model = job_model  # for the contract and validate endpoints
+        self._stop = stop  # for the retire endpoint
+        self._retire_asked = False
         self._history: deque[tuple[float, int, int]] = deque(maxlen=64)  # (t, done, failed)
         self.instance = settings.instance_id
         self._service: Service | None = None
@@ -99,6 +111,17 @@ class Registry:
             handler=self._answer_status,
             metadata={"lane": self.settings.lane},
         )
+        for name, handler in (
+            ("contract", self._answer_contract),
+            ("validate", self._answer_validate),
+            ("retire", self._answer_retire),
+        ):
+            await self._service.add_endpoint(
+                name=name,
+                subject=self.settings.names.instance_endpoint(self.instance, name),
+                handler=handler,
+                metadata={"lane": self.settings.lane},
+            )
         try:
             self._kv = await self.nc.jetstream().key_value(self.settings.names.registry_bucket)
         except BucketNotFoundError:
@@ -115,6 +138,54 @@ class Registry:
         if self._samples is not None:
             payload["recent_ms"] = [round(s * 1000, 3) for s in self._samples()]
         await req.respond(json.dumps(payload).encode())
+
+    def contract(self) -> dict[str, Any]:
+        """What this instance accepts: its job model's JSON Schema (None without a model)."""
+        schema = self._job_model.model_json_schema() if self._job_model is not None else None
+        return {
+            "worker": WORKER_NAME,
+            "job_type": self.settings.job_type,
+            "lane": self.settings.lane,
+            "version": __version__,
+            "schema": schema,
+            "asyncapi": self._asyncapi(),  # what '<worker> contract' writes (see contract.py)
+        }
+
+    def _asyncapi(self) -> dict[str, Any] | None:
+        from ..contract import document
+
+        if self._job_model is None:
+            return None
+        return document("asyncapi", self._job_model, self.settings)
+
+    async def _answer_contract(self, req: Request) -> None:
+        await req.respond(json.dumps(self.contract()).encode())
+
+    async def _answer_validate(self, req: Request) -> None:
+        """``{"payloads": [text, ...]}`` -> ``{"rejected": [{"index", "error"}, ...]}``, judged
+        by this instance's own model (the most faithful answer to "would it take these?")."""
+        rejected: list[dict[str, Any]] = []
+        try:
+            payloads = json.loads(req.data)["payloads"]
+        except (ValueError, KeyError, TypeError):
+            await req.respond_error("400", 'send {"payloads": [json text, ...]}')
+            return
+        if self._job_model is not None:
+            for index, payload in enumerate(payloads):
+                try:
+                    self._job_model.model_validate_json(payload)
+                except Exception as exc:
+                    rejected.append({"index": index, "error": describe(exc, 300)})
+        await req.respond(json.dumps({"rejected": rejected}).encode())
+
+    async def _answer_retire(self, req: Request) -> None:
+        """Stop now (drain: unstarted jobs go back, running ones finish); for a rollback."""
+        reason = req.data.decode(errors="replace")[:200] or "asked to retire"
+        await req.respond(json.dumps({"instance": self.instance, "retiring": True}).encode())
+        if self._stop is not None and not self._retire_asked:
+            self._retire_asked = True  # a second stop() would cut the drain short
+            log.info("retiring on request: %s", reason)
+            self._stop(f"retired: {reason}")
 
     def _window(self, counters: dict[str, int]) -> dict[str, float]:
         """Jobs succeeded and failed over the last ``WINDOW`` seconds of heartbeats."""
