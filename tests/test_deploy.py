@@ -100,7 +100,6 @@ for lane in sys.argv[1:]:
         "stream": s.stream_name,
         "consumer": s.names.durable,
         "ingress_subject": s.names.ingress,
-        "lane_filter": s.names.lane_filter(),
         "health_port": s.health_port,
         "drain_timeout": s.drain_timeout,
     }}
@@ -328,6 +327,61 @@ def _compose_cli() -> list[str]:
         if probe.returncode == 0:
             return ["docker", "compose"]
     return []
+
+
+# A published port whose host side is a variable with a default: 127.0.0.1:${VAR:-4222}:4222
+PORT_VARIABLE = re.compile(r"127\.0\.0\.1:\$\{([A-Z][A-Z0-9_]*):-(\d+)\}:(\d+)")
+
+
+def published_ports(compose: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
+    """variable -> (service, default host port, container port), for every published port."""
+    found: dict[str, tuple[str, int, int]] = {}
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            match = PORT_VARIABLE.fullmatch(str(port))
+            assert match, f"{name}: publish as 127.0.0.1:${{VAR:-default}}:port, not {port!r}"
+            variable, default, container = match.groups()
+            assert variable not in found, f"{variable} names two ports"
+            found[variable] = (name, int(default), int(container))
+    return found
+
+
+def host_ports(compose: dict[str, Any], env: dict[str, str]) -> set[int]:
+    """The host ports a stack binds with ``env`` set (as compose interpolates them)."""
+    return {int(env.get(var, default)) for var, (_, default, _) in published_ports(compose).items()}
+
+
+def test_two_worker_stacks_run_side_by_side(bake: Baker) -> None:
+    """Two repositories' stacks on one host: different project names (so containers, networks
+    and volumes are apart) and host ports that each can move with a variable."""
+    first, second = bake(), bake(**RENAMED)
+    stacks = [load_one(p.path / "compose.yaml") for p in (first, second)]
+    assert stacks[0]["name"] != stacks[1]["name"], "compose project names must differ"
+    ports = published_ports(stacks[0])
+    assert set(ports) == set(published_ports(stacks[1]))
+    assert {"nats", "jaeger"} <= {service for service, _, _ in ports.values()}
+    defaults = host_ports(stacks[0], {})
+    assert host_ports(stacks[1], {}) == defaults  # the same template: they collide by default...
+    moved = {var: str(default + 10000) for var, (_, default, _) in ports.items()}
+    assert not defaults & host_ports(stacks[1], moved)  # ...and not once the second moves
+    readme = second.read("README.md")
+    for variable in ports:
+        assert variable in readme, f"README does not document {variable}"
+    compose_cli = _compose_cli()
+    if compose_cli:  # the real interpolation, where the plugin is installed
+        result = subprocess.run(
+            [*compose_cli, "config", "--format", "json"],
+            cwd=second.path,
+            env={**os.environ, **moved},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        rendered = json.loads(result.stdout)["services"]
+        published = {int(p["published"]) for s in rendered.values() for p in s.get("ports", [])}
+        assert published == host_ports(stacks[1], moved)
 
 
 # ----------------------------------------------------------------------------- Kubernetes

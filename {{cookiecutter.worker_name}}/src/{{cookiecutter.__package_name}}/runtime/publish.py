@@ -4,16 +4,23 @@ Every job is published with ``Nats-Msg-Id`` set to its id, so publishing the sam
 within the stream's duplicate window stores it once, and to ``<root>.jobs.<type>.<id>``, so the
 id is its routing key: during a ramp the same job always lands on the same lane. Bulk paths
 keep many publishes in flight instead of paying a round trip per message.
+
+A handler hands a job on to another worker with ``ctx.publish`` (:func:`publish_downstream`):
+keyed the same way, with a ``Nats-Msg-Id`` derived from the upstream job and the target, and in
+the upstream job's trace.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -21,8 +28,11 @@ from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import BaseModel
 
+from . import connection
 from .connection import connect
 from .consume.retrying import retry
+from .contract import Downstream, ingress_of
+from .naming import key_token
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -58,7 +68,7 @@ async def publish_patiently(
     async def election(exc: Exception) -> bool:
         nonlocal checked
         if isinstance(exc, NatsTimeoutError):  # maybe stored: safe to repeat only if deduplicated
-            return bool((headers or {}).get("Nats-Msg-Id"))
+            return bool((headers or {}).get("Nats-Msg-Id")) and not _refused(subject)
         if not isinstance(exc, NoStreamResponseError | NoRespondersError):
             return False
         if not checked:
@@ -71,6 +81,12 @@ async def publish_patiently(
     return await retry(
         lambda: js.publish(subject, data, headers=headers), patience=patience, should_retry=election
     )
+
+
+def _refused(subject: str) -> bool:
+    """Did the server refuse a publish to ``subject`` (a permissions violation, which reaches the
+    client only as an error line while the publish itself times out)? Then retrying is futile."""
+    return any(f'"{subject}"' in text for text in connection.denied[-20:])
 
 
 async def _stream_stores(js: JetStreamContext, subject: str) -> bool | None:
@@ -145,7 +161,8 @@ class Producer:
         subject = self.subject_for(job, key)
         if self.telemetry is None:
             return await publish_patiently(self.js, subject, data, headers)
-        with self.telemetry.producing(subject, headers):
+        # The span names the ingress, not the keyed subject: span names stay low-cardinality.
+        with self.telemetry.producing(self.settings.names.ingress, headers):
             return await publish_patiently(self.js, subject, data, headers)
 
     async def publish_all(self, jobs: Sequence[BaseModel]) -> list[PubAck]:
@@ -154,3 +171,92 @@ class Producer:
                 self.js, ((self.subject_for(job), *encode(job)) for job in jobs)
             )
         return list(await asyncio.gather(*(self.publish(job) for job in jobs)))
+
+
+# --------------------------------------------------------------------------------- pipelines
+
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def upstream_id(msg: Msg) -> str:
+    """What identifies the job being handled across its deliveries: its ``Nats-Msg-Id``, else
+    ``<stream>:<sequence>`` (both stay the same when JetStream redelivers it)."""
+    headers = msg.headers
+    msg_id = headers.get("Nats-Msg-Id") if headers else None
+    if msg_id:
+        return msg_id
+    meta = msg.metadata
+    return f"{meta.stream}:{meta.sequence.stream}"
+
+
+def downstream_msg_id(msg: Msg, ingress: str, n: int) -> str:
+    """``<upstream id>:<target ingress>:<n>``: the same for every run of the upstream job."""
+    return f"{upstream_id(msg)}:{ingress}:{n}"
+
+
+@contextmanager
+def _in_upstream_trace(msg: Msg, subject: str, headers: dict[str, str]) -> Iterator[None]:
+    """With telemetry on: a PRODUCER span in the current (upstream) trace, its context injected
+    into ``headers``. Off: the upstream message's trace headers, copied as they are."""
+    otel = sys.modules.get("opentelemetry.trace")  # loaded only when telemetry is on
+    if otel is not None and otel.get_current_span().get_span_context().is_valid:
+        from opentelemetry import propagate
+        from opentelemetry.trace import SpanKind
+
+        from .. import __version__
+        from .observe import telemetry as t
+
+        with otel.get_tracer(t.SCOPE, __version__).start_as_current_span(
+            f"send {subject}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                t.ATTR_SYSTEM: "nats",
+                t.ATTR_DESTINATION: subject,
+                t.ATTR_OPERATION: "send",
+                t.ATTR_OPERATION_NAME: "send",
+                t.ATTR_MESSAGE_ID: headers["Nats-Msg-Id"],
+            },
+        ):
+            propagate.inject(headers)
+            yield
+        return
+    upstream = msg.headers
+    if upstream:
+        for name in TRACE_HEADERS:
+            if value := upstream.get(name):
+                headers[name] = value
+    yield
+
+
+async def publish_downstream(
+    msg: Msg,
+    job: BaseModel | Mapping[str, Any],
+    to: str | Downstream,
+    *,
+    key: str | None = None,
+    counts: dict[str, int],
+) -> PubAck:
+    """``ctx.publish``: send ``job`` to the worker ``to`` names, on the upstream's connection.
+
+    ``counts`` (per handler run) numbers the publishes to each target, for the ``Nats-Msg-Id``.
+    """
+    if isinstance(to, Downstream):
+        target = to
+    else:
+        target = Downstream(ingress_of(to, msg.subject.split(".", 1)[0]))
+    data, job_id = target.encode(job)
+    key = key if key is not None else job_id
+    subject = f"{target.ingress}.{key_token(key)}" if key else target.ingress
+    n = counts[target.ingress] = counts.get(target.ingress, 0) + 1
+    headers = {"Nats-Msg-Id": downstream_msg_id(msg, target.ingress, n)}
+    js = msg._client.jetstream()  # noqa: SLF001 - the connection that delivered the job
+    with _in_upstream_trace(msg, target.ingress, headers):
+        try:
+            return await publish_patiently(js, subject, data, headers)
+        except NatsTimeoutError:
+            if _refused(subject):
+                raise PermissionError(
+                    f"NATS refused the publish to {subject}: declare {target.ingress} in "
+                    "PUBLISHES_TO and apply the 'permissions' output to this worker's user"
+                ) from None
+            raise

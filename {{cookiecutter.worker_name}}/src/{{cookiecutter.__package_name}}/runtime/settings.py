@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .. import __version__
@@ -52,6 +60,15 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+def _downstream_ingresses(targets: list[str]) -> list[str]:
+    """PUBLISHES_TO: each a job type (same root) or a full ingress subject; as given."""
+    from .contract import ingress_of
+
+    for target in targets:
+        ingress_of(target, "root")  # ValueError names the entry and the fix
+    return targets
 
 
 class Settings(BaseSettings):
@@ -101,10 +118,29 @@ class Settings(BaseSettings):
     duplicate_window: float = Field(default=120.0, gt=0, le=86_400)
     dlq_max_age: float = Field(default=14 * 86_400.0, ge=0)
     provision: bool = Field(default=True, description="Create/update streams at start.")
+    publishes_to: Annotated[
+        list[str], NoDecode, BeforeValidator(_split_csv), AfterValidator(_downstream_ingresses)
+    ] = Field(
+        default_factory=list,
+        description="Where the handler's ctx.publish sends jobs: comma-separated job types "
+        "under the same subject root, or ingress subjects <root>.jobs.<type> (for permissions).",
+    )
 
     # Processing
-    concurrency: int = Field(default=100, ge=1, le=10_000)
-    fetch_batch: int = Field(default=100, ge=1, le=10_000)
+    concurrency: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Jobs handled at once by one instance. For a handler that awaits I/O: the "
+        "jobs/s wanted x the handler's latency, plus 10-20 % (README, Sizing CONCURRENCY).",
+    )
+    fetch_batch: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Most messages asked for in one pull request; the pull window is "
+        "min(CONCURRENCY, FETCH_BATCH), refilled by free slots as handling times dictate.",
+    )
     ack_wait: float = Field(default=30.0, ge=1.0, le=86_400)
     max_deliver: int = Field(default=5, ge=1, le=1000)
     backoff: Annotated[list[float], NoDecode] = Field(default_factory=lambda: [1.0, 5.0, 30.0])

@@ -59,8 +59,22 @@ def stream_config(settings: Settings, gen: int) -> StreamConfig:
         num_replicas=settings.stream_replicas,
         duplicate_window=settings.duplicate_window,
         subject_transform=route_transform(settings, gen),
-        metadata={"worker": WORKER_NAME},
+        metadata=stream_metadata(settings),
     )
+
+
+def stream_metadata(settings: Settings) -> dict[str, str]:
+    """What another worker's ``ecosystem`` needs to read this stream without our settings: the
+    names :class:`~..naming.Names` is built from (see ``operate/ecosystem.py``)."""
+    names = settings.names
+    return {
+        "worker": WORKER_NAME,
+        "subject_root": names.root,
+        "job_type": names.job_type,
+        "dlq_stream": names.dlq_stream,
+        "route_bucket": names.route_bucket,
+        "registry_bucket": names.registry_bucket,
+    }
 
 
 def dlq_config(settings: Settings) -> StreamConfig:
@@ -201,6 +215,10 @@ async def ensure_stream(
     changes = _diff(want, info.config, _STREAM_FIELDS)
     if want.max_age is not None and not _same(want.max_age, info.config.max_age):
         changes["max_age"] = (info.config.max_age, want.max_age)
+    have_meta = info.config.metadata or {}
+    if any(have_meta.get(k) != v for k, v in (want.metadata or {}).items()):
+        added = {k: v for k, v in (want.metadata or {}).items() if have_meta.get(k) != v}
+        changes["metadata"] = ({k: have_meta.get(k) for k in added}, added)
     if not changes:
         report.unchanged.append(name)
         return info

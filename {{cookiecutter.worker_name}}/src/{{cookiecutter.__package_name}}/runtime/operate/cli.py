@@ -78,11 +78,14 @@ EXIT_CODES_HELP = """exit codes:
       connection was closed for good: the supervisor should restart the worker
   73  stream/consumer exists with settings JetStream cannot change in place
   75  route refused: no live instance of the target lane (start it, or --force),
-      or --rollback has no earlier lane
+      its job model breaks the current lane's contract (--force), or
+      --rollback has no earlier lane
   77  the NATS account is not permitted to do this, or (running) the server
       stopped accepting its credentials
   78  invalid configuration (env var, .env, missing creds/TLS file, a NATS_URL
       host that does not exist)
+  79  rollout rolled back: a gate failed (or --abort); new work is on the
+      stable lane again, with the rolled-back lane's waiting and failed jobs
   130 a second signal cut the drain short; running jobs were handed back
 """
 
@@ -339,6 +342,70 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _with_nats(settings, body)
 
 
+# --------------------------------------------------------------------------------- ecosystem
+
+
+def cmd_ecosystem(args: argparse.Namespace) -> int:
+    """Every worker on the account; ``--watch`` redraws until Ctrl-C or ``--count`` views."""
+    settings = load_settings()
+    _setup_logging(settings)
+    if args.count is not None and args.count < 1:
+        raise InputError("--count takes a positive number of views: ecosystem --watch --count 5")
+    if args.interval <= 0:
+        raise InputError("--interval takes a positive number of seconds: --interval 2")
+    watch = args.watch or args.count is not None
+    redraw = watch and not args.json and sys.stdout.isatty()
+
+    async def body(nc: Client) -> int:
+        from .ecosystem import collect_fleet, render_fleet
+
+        shown = 0
+        while True:
+            started = asyncio.get_running_loop().time()
+            report = await collect_fleet(nc, settings, window=args.window)
+            if args.json:  # one JSON document per view (JSON lines under --watch)
+                print(json.dumps(report, indent=None if watch else 2), flush=True)
+            else:
+                print(("\x1b[H\x1b[2J" if redraw else "") + render_fleet(report), flush=True)
+                if watch and not redraw:
+                    print(flush=True)
+            shown += 1
+            if not watch or (args.count is not None and shown >= args.count):
+                return EXIT_OK
+            elapsed = asyncio.get_running_loop().time() - started
+            await asyncio.sleep(max(0.0, args.interval - elapsed))
+
+    try:
+        return _with_nats(settings, body)
+    except KeyboardInterrupt:  # Ctrl-C ends a watch; that is how it is meant to stop
+        return EXIT_OK
+
+
+# --------------------------------------------------------------------------------- dashboard
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """A read-only web page of the fleet, live (Server-Sent Events), until Ctrl-C or SIGTERM."""
+    settings = load_settings()
+    _setup_logging(settings, one_shot=False)
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port} is not a TCP port: give 1-65535 (or 0 for any)")
+    if args.interval <= 0:
+        raise InputError("--interval takes a positive number of seconds: --interval 1")
+
+    async def body(nc: Client) -> int:
+        from .dashboard import serve_dashboard
+
+        return await serve_dashboard(
+            nc, settings, host=args.host, port=args.port, interval=args.interval
+        )
+
+    try:
+        return _with_nats(settings, body)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 # --------------------------------------------------------------------------------- route
 
 
@@ -453,6 +520,97 @@ def _print_explain(settings: Settings, state: Any, key: str, as_json: bool) -> N
         f"key {key!r} -> subject {subject} -> bucket {bucket} (rank {RANK.index(bucket)}) "
         f"-> lane {lane}"
     )
+
+
+# --------------------------------------------------------------------------------- rollout
+
+
+def _read_smoke(path: str | None) -> list[str]:
+    """The smoke jobs: JSON lines (each one job), kept as text."""
+    if path is None:
+        return []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the smoke file {path}: {exc}") from None
+    jobs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} line {n} is not JSON ({exc.msg}): one job per line") from None
+        jobs.append(line.strip())
+    if not jobs:
+        raise InputError(f"the smoke file {path} holds no job: one JSON job per line")
+    return jobs
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    _setup_logging(settings, one_shot=not (args.lane and not args.status))
+    from ..evolve.rollout import Gates, parse_steps
+
+    gates = Gates(
+        steps=parse_steps(args.steps),
+        interval=args.interval,
+        max_failure_rate=args.max_failure_rate,
+        max_latency_ratio=args.max_latency_ratio,
+        min_jobs=args.min_jobs,
+        smoke_timeout=args.smoke_timeout,
+        lease=args.lease,
+        rollback_timeout=args.rollback_timeout,
+    )
+    if not args.abort and not args.status:
+        if not args.lane:
+            raise InputError("name the lane to roll out (rollout v2), or --status / --abort")
+        gates.check()
+    smoke = _read_smoke(args.smoke) if args.lane and not args.status else []
+
+    async def body(nc: Client) -> int:
+        from ..evolve import rollout
+
+        if args.status:
+            shown = await rollout.show(nc, settings)
+            if args.json:
+                print(json.dumps(shown, indent=2))
+            else:
+                print(_render_rollout(shown))
+            return EXIT_OK
+        if args.abort:
+            print(await rollout.abort(nc, settings, args.reason or "rollout --abort"))
+            return EXIT_OK
+        print(await rollout.run_rollout(nc, settings, args.lane, gates, smoke, args.force))
+        return EXIT_OK
+
+    return _with_nats(settings, body)
+
+
+def _render_rollout(shown: dict[str, Any] | None) -> str:
+    """``rollout --status`` and the rollout part of ``status``."""
+    if shown is None:
+        return "no rollout yet"
+    phase = {"smoke": "smoke gate", "step": "ramping"}.get(shown["phase"], shown["phase"])
+    head = f"rollout {shown['lane']} from {shown['stable']}: {phase}"
+    if shown.get("step"):
+        head += f", step {shown['step']} of {len(shown['steps'])} ({shown['percent']} %)"
+    if shown["phase"] not in ("promoted", "rolled_back"):
+        head += f"; controller {shown.get('controller')} (lease {shown.get('lease_left_s')}s)"
+    lines = [head]
+    analysis = shown.get("analysis")
+    if analysis:
+        for side in ("new", "stable"):
+            f = analysis[side]
+            p95 = f["p95_ms"] if f["p95_ms"] is not None else "-"
+            lines.append(
+                f"  {side:<6} tries {f['succeeded'] + f['failed']:>6}  failed {f['failed']:>5}  "
+                f"p95 {p95} ms  instances {f['instances']}"
+            )
+        lines.append(f"  verdict {analysis['verdict']}: {analysis['reason']}")
+    for d in shown.get("decisions") or []:
+        lines.append(f"  {d['at']} {d['verdict']:<12} {d['reason']}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------- dlq
@@ -604,6 +762,27 @@ def cmd_permissions(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------- contract
+
+
+def cmd_contract(args: argparse.Namespace) -> int:
+    """The job's JSON Schema or the worker's AsyncAPI 3.0 document (see ``contract.py``)."""
+    from ..contract import document
+
+    settings = load_settings()
+    doc = document(args.format, load_app(args.app).job_model, settings)
+    text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write {args.output}: {exc.strerror}") from None
+    print(f"wrote the {args.format} contract of {WORKER_NAME} to {args.output}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------- health
 
 
@@ -748,6 +927,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
+        "ecosystem",
+        help="every worker on the NATS account: lanes, instances, backlog, rate, DLQ, routes",
+        description="Discovers the workers on the account (micro services answering $SRV.INFO, "
+        "and the streams whose metadata name a worker) and shows, for each, its lanes and "
+        "their state, live instances, backlog, rate, dead letters and recent route changes. "
+        "Your own worker is marked with '*'.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable (JSON lines with --watch)")
+    p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    p.add_argument(
+        "--count", type=int, metavar="N", help="with --watch: stop after N views (implies --watch)"
+    )
+    p.add_argument(
+        "--interval", type=float, default=2.0, metavar="S", help="seconds between views (2)"
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="seconds instances have to answer discovery (0.5)",
+    )
+    p.set_defaults(func=cmd_ecosystem)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="a read-only web page of the fleet, updated live",
+        description="Serves one page (no build step, no JavaScript dependency) showing what "
+        "'ecosystem' shows, updated as it changes (Server-Sent Events): a route switch or a "
+        "drain appears as it happens. Read-only. Binds 127.0.0.1 unless told otherwise; it has "
+        "no login, so publish it beyond the host only behind your own access control.",
+    )
+    p.add_argument("--port", type=int, default=8090, help="TCP port (default 8090; 0: any free)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (1)"
+    )
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser(
         "route",
         help="show, switch or ramp the lanes that receive new work",
         description="Without arguments: the current split and the history of changes. "
@@ -775,6 +994,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", help="free text recorded in the route history")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser(
+        "rollout",
+        help="ramp a lane by steps with gates; roll back on its own when one fails",
+        description="Runs a controller until the lane is promoted (exit 0) or rolled back "
+        "(exit 79). Before the first step: the schema gate (the lane's job model must accept "
+        "the stable lane's jobs; --force skips it) and the smoke gate (--smoke). At each step: "
+        "the lane's failure rate and p95 are compared with the stable lane's over the same "
+        "window; too few jobs means wait. A failed gate routes all new work back to the stable "
+        "lane at once, retires the lane, and hands its waiting and failed jobs to the stable "
+        "lane. One controller at a time (a lease in KV); a new one resumes a dead one's rollout.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("lane", nargs="?", help="the lane to roll out, e.g. v2")
+    p.add_argument("--steps", default="1,10,50,100", help="percentages, ending at 100")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds per step (60)")
+    p.add_argument(
+        "--max-failure-rate",
+        type=float,
+        default=0.05,
+        help="failed tries allowed above the stable lane's rate, 0..1 (0.05)",
+    )
+    p.add_argument(
+        "--max-latency-ratio", type=float, default=2.0, help="p95 allowed vs stable (2.0)"
+    )
+    p.add_argument("--min-jobs", type=int, default=20, help="tries needed to judge a step (20)")
+    p.add_argument("--smoke", metavar="FILE", help="jobs (JSON lines) the lane must do first")
+    p.add_argument("--smoke-timeout", type=float, default=30.0, help="seconds (30)")
+    p.add_argument("--lease", type=float, default=15.0, help="controller lease, seconds (15)")
+    p.add_argument(
+        "--rollback-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a rollback waits for the lane's jobs to come back (60)",
+    )
+    p.add_argument("--force", action="store_true", help="skip the schema gate")
+    p.add_argument("--abort", action="store_true", help="roll the running rollout back now")
+    p.add_argument("--reason", help="recorded with --abort")
+    p.add_argument("--status", action="store_true", help="show the rollout and its decisions")
+    p.add_argument("--json", action="store_true", help="with --status")
+    p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("dlq", help="inspect, replay or purge dead letters")
     dsub = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
@@ -808,6 +1069,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="env var nats-server reads the password from (conf format)",
     )
     p.set_defaults(func=cmd_permissions)
+
+    p = sub.add_parser(
+        "contract",
+        help="print the job contract: an AsyncAPI 3.0 document, or the job's JSON Schema",
+        description="Derived from the job model and the settings (subject root, job type, "
+        "stream, NATS_URL): the ingress channel (and its keyed form), the dead-letter channel, "
+        "the job message with its Nats-Msg-Id and traceparent headers, and who sends and "
+        "receives. A running instance serves the same over NATS (its micro service's "
+        "'contract' endpoint).",
+    )
+    p.add_argument(
+        "--format",
+        choices=["asyncapi", "jsonschema"],
+        default="asyncapi",
+        help="asyncapi (default): the AsyncAPI 3.0 document; jsonschema: the job's JSON Schema",
+    )
+    p.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    p.set_defaults(func=cmd_contract)
 
     p = sub.add_parser("health", help="probe the running worker's health endpoint (exit 0/1)")
     group = p.add_mutually_exclusive_group()

@@ -12,7 +12,8 @@ import contextlib
 import json
 import statistics
 import time
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
@@ -21,6 +22,9 @@ from ..evolve.lanes import history, lane_consumers
 from ..evolve.registry import heartbeats
 from ..evolve.routing import describe_split, read_state
 from ..settings import Settings
+
+if TYPE_CHECKING:
+    from ..naming import Names
 
 ASK_TIMEOUT = 0.5  # seconds an instance has to answer before its heartbeat is used
 
@@ -52,7 +56,29 @@ def _quantile(samples: list[float], q: float) -> float | None:
     return round(statistics.quantiles(samples, n=100, method="inclusive")[int(q * 100) - 1], 3)
 
 
-async def collect(nc: Client, settings: Settings) -> dict[str, Any]:
+def for_worker(settings: Settings, names: Names) -> Settings:
+    """``settings`` seen as the worker ``names`` describes (another worker on the account, found
+    by ``ecosystem``): its stream, subjects and buckets, this worker's connection settings."""
+    view = settings.model_copy(
+        update={
+            "subject_root": names.root,
+            "job_type": names.job_type,
+            "stream_name": names.stream,
+            "dlq_stream_name": names.dlq_stream,
+            "consumer_name": None,
+        }
+    )
+    view.__dict__["names"] = names  # the cached property's slot: these names, not derived ones
+    return view
+
+
+RECENT_CHANGES = 5  # route changes a report carries (newest last)
+
+
+async def collect(nc: Client, settings: Settings, names: Names | None = None) -> dict[str, Any]:
+    """This worker's deployment, or (``names``) another worker's on the same account."""
+    if names is not None:
+        settings = for_worker(settings, names)
     js = nc.jetstream()
     report: dict[str, Any] = {"stream": settings.stream_name, "ingress": settings.names.ingress}
     try:
@@ -117,13 +143,23 @@ async def collect(nc: Client, settings: Settings) -> dict[str, Any]:
         beat.pop("recent_ms", None)
     report["instances"] = beats
     report["route_changed_at"] = changes[-1].at if changes else None
+    report["route_changes"] = [asdict(c) for c in changes[-RECENT_CHANGES:]]
     try:
         dlq = await js.stream_info(settings.dlq_stream_name)
         report["dlq"] = {"stream": settings.dlq_stream_name, "messages": dlq.state.messages}
     except NotFoundError:
         report["dlq"] = None
+    report["rollout"] = await _rollout(nc, settings)
     report["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return report
+
+
+async def _rollout(nc: Client, settings: Settings) -> dict[str, Any] | None:
+    """The gated rollout, if any: phase, step, both lanes' figures, verdicts (rollout.py)."""
+    from ..evolve.rollout import read, summary
+
+    stored, _ = await read(nc.jetstream(), settings)
+    return summary(stored)
 
 
 def _opt(value: object, suffix: str = "") -> str:
@@ -168,4 +204,9 @@ def render(report: dict[str, Any]) -> str:
         lines.append("no live instances")
     dlq = report.get("dlq")
     lines += ["", f"dlq {dlq['stream']}: {dlq['messages']} message(s)" if dlq else "dlq: missing"]
+    rollout = report.get("rollout")
+    if rollout:
+        from .cli import _render_rollout
+
+        lines += ["", _render_rollout(rollout)]
     return "\n".join(lines)
