@@ -336,6 +336,7 @@ class Fleet:
 GOOD, FAIL_ONCE, EXHAUSTED, INVALID = "good", "fail_once", "exhausted", "invalid"
 SLOW, TIMEOUT = "slow", "timeout"  # a slow job that finishes; one that outlives HANDLER_TIMEOUT
 TO_DLQ = {EXHAUSTED: "exhausted", INVALID: "invalid", TIMEOUT: "exhausted"}  # kind -> DLQ reason
+DLQ_REASONS = {"exhausted": {"exhausted", "max_deliveries"}, "invalid": {"invalid"}}
 
 
 def job_kind(n: int) -> str:
@@ -685,7 +686,8 @@ def account(
             k
             for k in poison
             for e in dlq_ids.get(k, [])
-            if e.get("reason") != TO_DLQ[published[k].kind]
+            # the server giving up first (a delivery lost to a fault) is exhaustion too
+            if e.get("reason") not in DLQ_REASONS[TO_DLQ[published[k].kind]]
         ),
         wrongly_dead_lettered=sorted(k for k in good if k in dlq_ids),
         poison_processed=sorted(k for k in poison if k in runs),

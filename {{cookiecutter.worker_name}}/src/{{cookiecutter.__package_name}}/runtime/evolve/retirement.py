@@ -51,6 +51,7 @@ class LaneWatcher:
         self.route = "?"  # the split, for the log
         self.was_current = False  # its lane got new work while this instance ran
         self.start_gen = 0  # the route generation this instance started in
+        self._suspects: dict[int, float] = {}  # stream seq -> first seen behind the ack floor
         self._changed = asyncio.Event()
         self._idle_since: float | None = None
         self._sub: Subscription | None = None
@@ -113,7 +114,7 @@ class LaneWatcher:
         lane = self.settings.lane
         await self._read_route()
         try:  # a job this lane's consumer skipped would otherwise wait forever
-            await rescue_stranded(js, self.settings, self.settings.names.durable)
+            await rescue_stranded(js, self.settings, self.settings.names.durable, self._suspects)
         except Exception as exc:  # an election or an outage: the next check tries again
             log.debug("stranded-job sweep failed: %s", exc)
         if self.share:

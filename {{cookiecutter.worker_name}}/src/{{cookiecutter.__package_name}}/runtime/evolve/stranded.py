@@ -8,15 +8,18 @@ changed the lane consumers' filters under load (hundreds of jobs per run, health
 not). No route step should cause it, but nothing may be lost if one does.
 
 Each instance sweeps its own lane at every route check: one consumer read and one direct read
-per filter when nothing is stranded. A stranded job is republished through the ingress (so the
-current split routes it) with a ``Nats-Msg-Id`` derived from its stream sequence, then deleted:
-a sweep that dies in between, or two instances sweeping at once, leave one copy.
+per filter when nothing is stranded. A job behind the floor is only a suspect at first: while a
+consumer leader changes, the floor can run ahead of jobs that are still delivered. One still
+there after ``ACK_WAIT`` (and a later sweep) is stranded: it is republished through the ingress
+(so the current split routes it) with a ``Nats-Msg-Id`` derived from its stream sequence, then
+deleted: a sweep that dies in between, or two instances sweeping at once, leave one copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -29,8 +32,16 @@ log = logging.getLogger(__name__)
 STRANDED_FROM = "Stranded-Seq"
 
 
-async def rescue_stranded(js: JetStreamContext, settings: Settings, durable: str) -> int:
-    """Republish the jobs ``durable`` skipped; returns how many were rescued."""
+async def rescue_stranded(
+    js: JetStreamContext, settings: Settings, durable: str, suspects: dict[int, float]
+) -> int:
+    """Republish the jobs ``durable`` skipped; returns how many were rescued.
+
+    ``suspects`` (stream sequence -> when it was first seen behind the floor) is kept by the
+    caller between sweeps; only a suspect older than ``ACK_WAIT`` is rescued.
+    """
+    now = time.monotonic()
+    seen: set[int] = set()
     info = await js.consumer_info(settings.stream_name, durable)
     floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
     rescued = 0
@@ -45,6 +56,11 @@ async def rescue_stranded(js: JetStreamContext, settings: Settings, durable: str
                 break
             if raw.seq is None or raw.seq > floor:
                 break
+            seen.add(raw.seq)
+            first_seen = suspects.setdefault(raw.seq, now)
+            if now - first_seen < settings.ack_wait:
+                seq = raw.seq + 1
+                continue
             headers = {k: str(v) for k, v in (raw.headers or {}).items()}
             job_id = headers.get("Nats-Msg-Id") or "job"
             headers.update(
@@ -58,6 +74,8 @@ async def rescue_stranded(js: JetStreamContext, settings: Settings, durable: str
                 await js.delete_msg(settings.stream_name, raw.seq)
             rescued += 1
             seq = raw.seq + 1
+    for gone in set(suspects) - seen:  # delivered after all, or rescued
+        del suspects[gone]
     if rescued:
         log.warning(
             "rescued %d job(s) that consumer %s had skipped (stored behind its ack floor %d); "
