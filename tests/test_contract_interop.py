@@ -17,9 +17,7 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ import jsonschema
 import pytest
 
 from .conftest import REPO_ROOT, Baker
+from .fleet_support import nats_server
 from .test_generated_suite import InstalledProject, install_layered
 
 pytestmark = pytest.mark.slow
@@ -223,29 +222,8 @@ def test_the_json_schema_passes_its_meta_schema_and_takes_a_job(project: Install
 @pytest.fixture
 def nats_url(tmp_path: Path) -> Iterator[str]:
     """A real nats-server with JetStream on a free loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    binary = Path(sys.executable).with_name("nats-server")
-    proc = subprocess.Popen(
-        [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", tmp_path / "store"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not _listening(port):
-            assert time.monotonic() < deadline, "nats-server did not listen within 10 s"
-            time.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+    with nats_server(tmp_path / "store") as url:
+        yield url
 
 
 def test_a_nats_js_client_fetches_the_contract_from_a_running_instance(

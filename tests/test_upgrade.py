@@ -15,10 +15,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +26,7 @@ import pytest
 from cookiecutter.main import cookiecutter
 
 from .conftest import REPO_ROOT, BakedProject, Baker
+from .fleet_support import nats_server, wait_for
 from .test_generated_suite import InstalledProject, install_layered
 
 pytestmark = pytest.mark.slow
@@ -40,41 +39,11 @@ NEW_JOBS = 10
 T = TypeVar("T")
 
 
-def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
 @pytest.fixture
 def nats_url(tmp_path: Path) -> Iterator[str]:
     """A real nats-server with JetStream on a free loopback port."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    binary = Path(sys.executable).with_name("nats-server")
-    proc = subprocess.Popen(
-        [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", tmp_path / "store"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-
-        def listening() -> bool:
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(listening, 10, "nats-server")
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with nats_server(tmp_path / "store") as url:
+        yield url
 
 
 def old_template(dest: Path) -> Path:
