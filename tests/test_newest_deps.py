@@ -40,6 +40,7 @@ PROBED = {
     "_send_unsubscribe": "Client._send_unsubscribe (a coroutine function)",
     "_nc": "JetStreamContext._nc (its Client)",
     "_send_command": "Client._send_command (a coroutine function writing raw protocol)",
+    "_client": "Msg._client (the Client that delivered it; ctx.publish uses it)",
 }
 END_TO_END = ("tests/chassis/unit", "tests/chassis/integration/test_worker_flow.py")
 
@@ -75,6 +76,7 @@ async def probe(url):
             "_send_unsubscribe": inspect.iscoroutinefunction(unsubscribe),
             "_nc": getattr(js, "_nc", None) is nc,
             "_send_command": inspect.iscoroutinefunction(send_command),
+            "_client": True,  # checked on a delivered message below
         }
         missing = [name for name, ok in checks.items() if not ok]
         if not missing:  # the hot path's use of them: a hand-made pull request fills the queue
@@ -85,6 +87,8 @@ async def probe(url):
                 msg = await asyncio.wait_for(sub._pending_queue.get(), 5)
                 if msg.data != b"probe":
                     missing.append("a pull request to _nms delivers the job into _pending_queue")
+                if getattr(msg, "_client", None) is not nc:
+                    missing.append("_client")
             except asyncio.TimeoutError:
                 missing.append("a pull request to _nms delivers into _pending_queue")
             # the DLQ's exact publish: raw PUB through _send_command, acked by JetStream
