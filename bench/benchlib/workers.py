@@ -24,11 +24,11 @@ PY = sys.executable
 WORKER_NAME = "bench-worker"
 PACKAGE = "bench_worker"
 
-# Tracing is switched on by the standard OTEL_* variables (runtime/observe.telemetry_config.py):
+# Tracing is switched on by the standard OTEL_* variables (runtime/observe/telemetry_config.py):
 # traces over OTLP/HTTP when an endpoint is set. Metrics stay off (OTEL_METRICS_EXPORTER=none): this
 # measures tracing. Hook: if the worker ever needs an extra switch of its own (e.g. TRACING=on),
 # put it in TRACING_SWITCH_ENV; nothing else changes. The variant skips itself, with a note, on a
-# checkout whose worker has no runtime/observe.telemetry.py.
+# checkout whose worker has no runtime/observe/telemetry.py.
 TRACING_SWITCH_ENV: dict[str, str] = {}
 TRACING_MODULE = f"{PACKAGE}.runtime.observe.telemetry"
 

@@ -1,14 +1,18 @@
 """The processing cycle: beat, pull, process, repeat; and the graceful stop.
 
-The hot path, shaped by measurements (template ``bench/`` and ``shared/perf-notes.md``):
+The hot path, shaped by measurements (the template repository's ``bench/``, whose README gives
+the method and the figures; the numbers are in this project's README, "Sizing CONCURRENCY"):
 
 * ``CONCURRENCY`` long-lived *slot* coroutines read straight from the pull subscription's inbox.
-  No task, queue hop or timer is created per message; a quick handler is awaited inline.
+  No task, queue hop or timer is created per message; a quick handler is awaited inline. One idle
+  slot waits on the inbox and the others park, so a burst of quick jobs runs in one step of one
+  slot (as a callback subscription would), and a job that suspends hands the rest to parked slots.
 * Pull requests are *credit*: the puller asks for exactly as many messages as there are free slots
-  (never more, so nothing prefetched waits behind a busy slot until ``ack_wait`` runs out), and
-  only once at least half of the slots (or of ``FETCH_BATCH``) are free, so the server never
-  serves one pull per freed slot. A request stays open (``expires``) and is refilled as messages
-  arrive, like nats.go's ``Consume()``.
+  (never more, so nothing prefetched waits behind a busy slot until ``ack_wait`` runs out), once
+  enough slots are free: half the window (``min(CONCURRENCY, FETCH_BATCH)``) for quick jobs, so
+  the server never serves one pull per freed slot, and fewer as measured handling times grow
+  (``_adapt_refill``), so slots of slow jobs do not idle waiting for others to finish. A request
+  stays open (``expires``) and is refilled as messages arrive, like nats.go's ``Consume()``.
 * Idle heartbeats on each request tell a live-but-quiet stream from a pull request that died with
   a broker restart (nats.py #504); a dead request's credit is reclaimed and re-issued.
 * One *beat* task, not a timer per message, sends ``in_progress`` for long jobs, cancels handlers
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import inspect
 import logging
 import signal
 from collections import deque
@@ -66,6 +70,9 @@ REFUSED_BACKOFF_MAX = 1.0  # longest pause after the server refused a pull reque
 PULL_HEARTBEAT = 1.0  # the server pings an idle request this often (silence: 3 of them)
 _NS = 1_000_000_000
 SAMPLE_MASK = 15  # handling times are sampled every SAMPLE_MASK + 1 jobs
+# Pull requests per second a busy worker may send, at most (about): the refill threshold is sized
+# so that CONCURRENCY / handling time / threshold stays under this (see _adapt_refill).
+PULL_RATE_BUDGET = 4000.0
 
 
 @dataclass
@@ -140,13 +147,21 @@ class Worker:
         self._slots = [_Slot() for _ in range(settings.concurrency)]
         self._busy = 0  # slots running a job
         self._credit = 0  # messages requested from the server and not yet delivered
-        self._refill = max(1, min(settings.fetch_batch, settings.concurrency) // 2)
+        # Pull once this many slots are free: half the window for quick jobs, fewer for slow
+        # ones (_adapt_refill), never more than free slots at a time.
+        self._refill_max = max(1, min(settings.fetch_batch, settings.concurrency) // 2)
+        self._refill = self._refill_max
+        self._handling = 0.0  # smoothed handling time of a job (seconds), sampled
         self._room = asyncio.Event()
+        self._leader = False  # an idle slot is waiting on the inbox
+        self._parked: list[asyncio.Future[None]] = []  # the other idle slots
+        self._promoting = False  # a _promote call is scheduled
         self._activity = 0  # bumped by every delivery and status; the beat watches it
         self._refused_backoff = 0.0  # pause after the server refused a pull request
         self._refused_until = 0.0
         self._refused_logged = 0.0
         self._puller: asyncio.Task[None] | None = None
+        self._send_ack: Callable[[str, str, bytes, int, None], Awaitable[None]] | None = None
         self._log_jobs = log.isEnabledFor(logging.DEBUG)  # decided once, not per message
         self.last_activity_at = 0.0  # loop time of the last delivery or heartbeat (liveness)
         self.retiring = False  # set by the lane watcher once this lane is routed away from
@@ -347,6 +362,7 @@ class Worker:
         # nats-py's byte counter, so its slow-consumer byte limit is switched off (0).
         sub._pending_bytes_limit = 0  # noqa: SLF001
         inbox: asyncio.Queue[Msg] = sub._pending_queue  # noqa: SLF001
+        self._send_ack = _ack_sender(self.nc)
         for slot in self._slots:
             slot.task = asyncio.create_task(self._run_slot(slot, inbox))
         beat = asyncio.create_task(self._beat())
@@ -378,6 +394,7 @@ class Worker:
         subject, reply = psub._nms, psub._deliver  # noqa: SLF001
         concurrency, batch_max = self.settings.concurrency, self.settings.fetch_batch
         expires, heartbeat = int(PULL_EXPIRES * _NS), int(PULL_HEARTBEAT * _NS)
+        rest = f',"expires":{expires},"idle_heartbeat":{heartbeat}'.encode() + b"}"
         while not self.stopping.is_set():
             free = concurrency - self._busy - self._credit
             if free < self._refill:
@@ -389,9 +406,9 @@ class Worker:
                 await asyncio.sleep(pause)
                 continue
             batch = min(free, batch_max)
-            request = json.dumps({"batch": batch, "expires": expires, "idle_heartbeat": heartbeat})
+            request = b'{"batch":' + str(batch).encode() + rest  # JSON, without json.dumps
             try:
-                await nc.publish(subject, request.encode(), reply=reply)
+                await nc.publish(subject, request, reply=reply)
             except Exception as exc:  # closed or stalled connection: wait for the reconnect
                 if nc.is_closed:  # for good: nothing to wait for
                     self._client_closed(nc)
@@ -448,12 +465,44 @@ class Worker:
     # ----------------------------------------------------------------------------- processing
 
     async def _run_slot(self, slot: _Slot, inbox: asyncio.Queue[Msg]) -> None:
-        get = inbox.get
+        """Take jobs from the inbox and run them, one at a time, until the worker stops.
+
+        One idle slot at a time (the *leader*) waits on the inbox; the other idle slots park on
+        a future of their own. A delivery therefore wakes one task, and a leader whose jobs do
+        not suspend (quick handlers) runs a whole burst of deliveries in one step, as a callback
+        subscription would. When a job does suspend, ``_promote`` (scheduled with ``call_soon``,
+        so it only runs once this step has yielded) wakes parked slots for what is still queued
+        and a new leader, so I/O-bound jobs still run ``CONCURRENCY`` at a time.
+        """
+        get, get_nowait = inbox.get, inbox.get_nowait
         process = self._process_job
         loop = asyncio.get_running_loop()
         stopping = self.stopping
+        parked = self._parked
+        concurrency = self.settings.concurrency
+        room = self._room
+        # Telemetry off: _process's steps run inline, one coroutine fewer per job (about 2 µs of
+        # the chassis's ~5, measured on a fake inbox). Kept step for step in line with _process.
+        inline = process == self._process
+        validate, handler, context = self.job_model.model_validate_json, self.handler, self._context
+        send_ack = self._send_ack
         while not stopping.is_set():
-            msg = await get()
+            if inbox.empty():
+                if self._leader:  # someone already waits for the next delivery
+                    waiter = loop.create_future()
+                    parked.append(waiter)
+                    await waiter
+                    continue
+                self._leader = True
+                try:
+                    msg = await get()
+                finally:
+                    self._leader = False
+            else:
+                msg = get_nowait()
+            if parked and not self._promoting:  # if this job suspends, others take the rest
+                self._promoting = True
+                loop.call_soon(self._promote, inbox)
             self._activity += 1
             if not msg.reply:  # a status message, not a job
                 self._on_status(msg)
@@ -466,7 +515,28 @@ class Worker:
             self._busy += 1
             slot.msg = msg
             try:
-                await process(msg, slot, loop)
+                if not inline:
+                    await process(msg, slot, loop)
+                    continue
+                try:
+                    job = validate(msg.data)
+                except Exception as exc:  # ValidationError, a recursion limit...: never retryable
+                    await self._dead_letter(msg, "invalid", exc)
+                    continue
+                started = slot.handler_since = slot.progress_at = loop.time()
+                try:
+                    await handler(job, context(msg))
+                except (asyncio.CancelledError, Exception) as exc:
+                    slot.handler_since = 0.0
+                    await self._handler_failed(msg, slot, exc)
+                    continue
+                slot.handler_since = 0.0
+                nc = self.nc
+                if send_ack is None or nc is None or nc.is_closed:
+                    await msg.ack()  # raises on a closed connection: not counted as done
+                else:
+                    await send_ack(msg.reply, "", b"", 0, None)
+                self._done(msg, started, loop)
             except Exception as exc:  # settling failed (connection closed mid-ack, ...)
                 log.warning(
                     "could not settle a job (%s); JetStream redelivers it after ACK_WAIT",
@@ -475,8 +545,20 @@ class Worker:
             finally:
                 slot.msg = None
                 self._busy -= 1
-                if not self._room.is_set():
-                    self._room.set()
+                # Wake the puller only once a refill's worth of slots is free, not per job.
+                if concurrency - self._busy - self._credit >= self._refill and not room.is_set():
+                    room.set()
+
+    def _promote(self, inbox: asyncio.Queue[Msg]) -> None:
+        """Wake a parked slot for each queued delivery, and one to lead if nobody waits."""
+        self._promoting = False
+        wanted = inbox.qsize() + (0 if self._leader else 1)
+        parked = self._parked
+        while wanted > 0 and parked:
+            waiter = parked.pop()
+            if not waiter.done():  # a parked slot cancelled by the stop is skipped
+                waiter.set_result(None)
+                wanted -= 1
 
     async def _process(self, msg: Msg, slot: _Slot, loop: asyncio.AbstractEventLoop) -> Outcome:
         """Parse, handle, settle. Returns None on success, else (outcome, the error)."""
@@ -485,36 +567,76 @@ class Worker:
         except Exception as exc:  # ValidationError, or e.g. a recursion limit: never retryable
             return await self._dead_letter(msg, "invalid", exc), exc
         started = slot.handler_since = slot.progress_at = loop.time()
-        error: Exception | None = None
         try:
             await self.handler(job, self._context(msg))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Exception) as exc:
+            slot.handler_since = 0.0  # out of the handler: the beat no longer times it
+            return await self._handler_failed(msg, slot, exc)
+        slot.handler_since = 0.0
+        nc = self.nc
+        if self._send_ack is None or nc is None or nc.is_closed:
+            await msg.ack()  # raises on a closed connection: the job is not counted as done
+        else:  # what msg.ack() sends, without re-checking a subject the server wrote
+            await self._send_ack(msg.reply, "", b"", 0, None)
+        self._done(msg, started, loop)
+        return None
+
+    async def _handler_failed(self, msg: Msg, slot: _Slot, exc: BaseException) -> Outcome:
+        """The handler raised: retry, dead-letter or fail the job, and say which.
+
+        A cancellation is the beat's ``HANDLER_TIMEOUT`` (``slot.timed_out``), a failure like any
+        other; any other cancellation is the worker's own (a stop) and propagates.
+        """
+        if isinstance(exc, asyncio.CancelledError):
             if not slot.timed_out:
-                raise
+                raise exc
             slot.timed_out = False
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            error = HandlerTimeoutError(
-                f"handler ran longer than {self.settings.handler_timeout:g}s"
-            )
-        except Exception as exc:
-            error = exc
-        finally:
-            slot.handler_since = 0.0  # out of the handler: the beat no longer times it
-        if error is not None:
-            if isinstance(error, Retry):
-                return await self._retry(msg, error.delay, error), error
-            if isinstance(error, Reject):
-                return await self._dead_letter(msg, "rejected", error), error
-            return await self._failed(msg, error), error
-        await msg.ack()
-        self.counters.processed += 1
-        if not self.counters.processed & SAMPLE_MASK:  # every 16th job: status's p50/p95
-            self.recent.append(loop.time() - started)
+            exc = HandlerTimeoutError(f"handler ran longer than {self.settings.handler_timeout:g}s")
+        if isinstance(exc, Retry):
+            return await self._retry(msg, exc.delay, exc), exc
+        if isinstance(exc, Reject):
+            return await self._dead_letter(msg, "rejected", exc), exc
+        return await self._failed(msg, exc), exc
+
+    def _done(self, msg: Msg, started: float, loop: asyncio.AbstractEventLoop) -> None:
+        """A job was acknowledged: count it; every 16th, sample its time (status, the refill)."""
+        counters = self.counters
+        counters.processed += 1
+        if not counters.processed & SAMPLE_MASK:
+            took = loop.time() - started
+            self.recent.append(took)
+            self._adapt_refill(took)
         if self._log_jobs:
             log.debug("job done", extra=_job_fields(msg))
-        return None
+
+    def _adapt_refill(self, took: float) -> None:
+        """Size the refill threshold to the jobs' handling time (a sample every 16th job).
+
+        A freed slot waits for the threshold to be reached and then a round trip for its next
+        job. With quick jobs slots free up within microseconds, so waiting costs nothing and a
+        large threshold (half the window) keeps pull requests few, which the server needs (its
+        cost per request grows with the backlog, as the template's bench measured). With slow
+        jobs slots free up one by one, and a freed slot idles for about half the threshold's
+        worth of job completions (a threshold of half the window alone caps the share of
+        CONCURRENCY / latency near 80 %; 64 % was measured at CONCURRENCY 100 with 10 ms jobs).
+        So the threshold shrinks as jobs get slower, to what keeps the request rate (about
+        CONCURRENCY / handling time / threshold) under PULL_RATE_BUDGET: 1 for jobs of 40 ms and
+        more at CONCURRENCY 100, 2-3 for 10 ms jobs, half the window again for jobs under 1 ms.
+        """
+        handling = self._handling
+        handling = took if not handling else handling + (took - handling) * 0.25
+        self._handling = handling
+        wanted = self.settings.concurrency / (PULL_RATE_BUDGET * handling) if handling else 0
+        refill = self._refill_max if wanted >= self._refill_max else max(1, int(wanted + 0.5))
+        if refill != self._refill:
+            self._refill = refill
+            if not self._room.is_set() and (
+                self.settings.concurrency - self._busy - self._credit >= refill
+            ):
+                self._room.set()
 
     async def _process_traced(
         self, msg: Msg, slot: _Slot, loop: asyncio.AbstractEventLoop
@@ -753,6 +875,28 @@ class Worker:
         await self._nak_all([m for m in leftovers if m is not None])
         if self._forced.is_set() and self.lost is None:
             self.exit_code = EXIT_INTERRUPTED
+
+
+def _ack_sender(
+    nc: Client | None,
+) -> Callable[[str, str, bytes, int, None], Awaitable[None]] | None:
+    """nats-py's own PUB writer, which ``msg.ack()`` reaches through ``publish()``.
+
+    ``publish()`` re-validates the subject with a regular expression and re-checks the payload
+    size on every call: about 1 µs per job for an ack subject the server itself wrote and an
+    empty payload. nats-py is held to the tested minor (pyproject), and this looks the method up
+    by name and signature once, so a release that changes it only brings back ``msg.ack()``.
+    """
+    send = getattr(nc, "_send_publish", None)
+    if send is None:
+        return None
+    try:
+        params = list(inspect.signature(send).parameters)
+    except (TypeError, ValueError):
+        return None
+    if params != ["subject", "reply", "payload", "payload_size", "headers"]:
+        return None
+    return send  # type: ignore[no-any-return]
 
 
 def _job_fields(msg: Msg) -> dict[str, object]:
