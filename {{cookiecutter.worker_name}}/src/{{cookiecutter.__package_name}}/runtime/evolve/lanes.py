@@ -23,14 +23,7 @@ from typing import Any, TypeVar
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import (
-    BucketNotFoundError,
-    KeyNotFoundError,
-    KeyWrongLastSequenceError,
-    NoKeysError,
-    NotFoundError,
-    ServiceUnavailableError,
-)
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError, ServiceUnavailableError
 
 from ..consume.retrying import retry
 from ..errors import InputError, RouteRefusedError
@@ -108,34 +101,30 @@ async def record_first(js: JetStreamContext, settings: Settings, change: RouteCh
 
 
 async def history(js: JetStreamContext, settings: Settings) -> list[RouteChange]:
-    """Oldest first; empty when nothing was recorded yet."""
-    try:
-        kv = await js.key_value(settings.names.route_bucket)
-    except (BucketNotFoundError, NotFoundError):
-        return []
-    for _ in range(3):
+    """Oldest first; empty when nothing was recorded yet.
+
+    Read from the KV bucket's stream by subject, one stored entry after the other: nats-py's
+    ``KeyValue.history`` watches through an ordered consumer and, on a loaded machine, returned
+    no entries or only some of them (a route step went missing from ``route --json``).
+    """
+    stream = f"KV_{settings.names.route_bucket}"
+    subject = f"$KV.{settings.names.route_bucket}.{ROUTE_KEY}"
+    changes: list[RouteChange] = []
+    seq = 1
+    while True:
         try:
-            entries = await kv.history(ROUTE_KEY)
-            break
-        except NoKeysError:
-            # nats-py's watcher can report "no keys" when its consumer's first info races the
-            # stored entries (seen on a loaded machine); only a missing key makes that true.
-            try:
-                await kv.get(ROUTE_KEY)
-            except (KeyNotFoundError, NotFoundError):
-                return []
-    else:
-        return []
-    changes = []
-    for entry in entries:
-        if entry.value:
-            try:
-                changes.append(RouteChange(**json.loads(entry.value)))
-            except (TypeError, ValueError):
-                log.warning(
-                    "ignoring an unreadable route-history entry (revision %s)", entry.revision
-                )
-    return changes
+            raw = await js.get_msg(stream, seq=seq, next=True, subject=subject)
+        except NotFoundError:  # no more entries (or no bucket yet)
+            return changes
+        if raw.seq is None:
+            return changes
+        seq = raw.seq + 1
+        if not raw.data:  # a delete or purge marker
+            continue
+        try:
+            changes.append(RouteChange(**json.loads(raw.data)))
+        except (TypeError, ValueError):
+            log.warning("ignoring an unreadable route-history entry (stream seq %s)", raw.seq)
 
 
 async def lane_consumer(js: JetStreamContext, settings: Settings, lane: str) -> str | None:

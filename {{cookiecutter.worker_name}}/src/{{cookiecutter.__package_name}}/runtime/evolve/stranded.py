@@ -10,9 +10,10 @@ not). No route step should cause it, but nothing may be lost if one does.
 Each instance sweeps its own lane at every route check: one consumer read and one direct read
 per filter when nothing is stranded. A job behind the floor is only a suspect at first: while a
 consumer leader changes, the floor can run ahead of jobs that are still delivered. One still
-there after ``ACK_WAIT`` (and a later sweep) is stranded: it is republished through the ingress
-(so the current split routes it) with a ``Nats-Msg-Id`` derived from its stream sequence, then
-deleted: a sweep that dies in between, or two instances sweeping at once, leave one copy.
+there after three ``ACK_WAIT`` periods (and a later sweep) is stranded: it is republished
+through the ingress (so the current split routes it) with a ``Nats-Msg-Id`` derived from its
+stream sequence, then deleted: a sweep that dies in between, or two instances sweeping at once,
+leave one copy.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from .topology import consumer_filters
 
 log = logging.getLogger(__name__)
 STRANDED_FROM = "Stranded-Seq"
+# How long (in ACK_WAITs) a job must stay behind the ack floor to count as stranded: after a
+# consumer leader change, JetStream delivered some such jobs more than one ACK_WAIT later.
+SUSPECT_FOR = 3
 
 
 async def rescue_stranded(
@@ -38,7 +42,7 @@ async def rescue_stranded(
     """Republish the jobs ``durable`` skipped; returns how many were rescued.
 
     ``suspects`` (stream sequence -> when it was first seen behind the floor) is kept by the
-    caller between sweeps; only a suspect older than ``ACK_WAIT`` is rescued.
+    caller between sweeps; only a suspect older than ``SUSPECT_FOR`` ACK_WAITs is rescued.
     """
     now = time.monotonic()
     seen: set[int] = set()
@@ -58,7 +62,7 @@ async def rescue_stranded(
                 break
             seen.add(raw.seq)
             first_seen = suspects.setdefault(raw.seq, now)
-            if now - first_seen < settings.ack_wait:
+            if now - first_seen < SUSPECT_FOR * settings.ack_wait:
                 seq = raw.seq + 1
                 continue
             headers = {k: str(v) for k, v in (raw.headers or {}).items()}
@@ -76,6 +80,15 @@ async def rescue_stranded(
             seq = raw.seq + 1
     for gone in set(suspects) - seen:  # delivered after all, or rescued
         del suspects[gone]
+    if rescued and settings.stream_replicas > 1:
+        # A consumer that skipped jobs it owns may keep doing so (its leader's filters lag its
+        # config); a new leader loads them afresh. Best effort: the next sweep tries again.
+        with contextlib.suppress(Exception):
+            await js._nc.request(  # noqa: SLF001 - the context's own connection
+                f"$JS.API.CONSUMER.LEADER.STEPDOWN.{settings.stream_name}.{durable}",
+                b"",
+                timeout=5,
+            )
     if rescued:
         log.warning(
             "rescued %d job(s) that consumer %s had skipped (stored behind its ack floor %d); "
