@@ -278,6 +278,7 @@ async def switch(
     if split == previous:
         log.debug("route already is %s: nothing to do", describe_split(split))
         await reconcile(js, settings, state)  # finish an interrupted step, if any
+        await _record_missing(js, settings, state, note)
         return SwitchResult(split, previous, changed=False, gen=state.gen)
     gaining = [lane for lane in split.lanes if split.share(lane) > previous.share(lane)]
     consumers = await lane_consumers(js, settings)
@@ -331,6 +332,22 @@ async def require_contract(nc: Client, settings: Settings, current: str, lane: s
             f"{problems[0]}{more}: fix the model (make the field optional, with a default), or "
             "pass --force once the stored jobs and producers match it"
         )
+
+
+async def _record_missing(
+    js: JetStreamContext, settings: Settings, state: RouteState, note: str
+) -> None:
+    """Record the current generation's change if a step was cut short before its history entry
+    (a controller or an operator's command killed between the switch and the record)."""
+    if state.gen <= 1 or any(c.gen == state.gen for c in await history(js, settings)):
+        return
+    split, previous = state.split, state.previous or state.split
+    lane = split.ramping or split.current
+    before = previous.ramping if previous.ramping and previous.ramping != lane else previous.current
+    change = RouteChange.now(
+        lane, before, note or "recorded late", percent=split.share(lane), gen=state.gen, split=split
+    )
+    await record(js, settings, change)
 
 
 async def _consumer_exists(js: JetStreamContext, settings: Settings, lane: str) -> bool:
