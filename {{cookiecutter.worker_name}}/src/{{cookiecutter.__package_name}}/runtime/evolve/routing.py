@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from nats.js import JetStreamContext
@@ -234,12 +233,3 @@ def describe_split(split: Split) -> str:
     if split.ramping and split.percent:
         return f"{split.ramping} {split.percent}% / {split.current} {100 - split.percent}%"
     return f"{split.current} 100%"
-
-
-def lanes_in(states: Iterable[RouteState | None]) -> list[str]:
-    seen: dict[str, None] = {}
-    for state in states:
-        if state is not None:
-            for lane in state.lanes():
-                seen[lane] = None
-    return list(seen)
