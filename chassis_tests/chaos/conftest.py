@@ -34,11 +34,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "soak: long chaos run, CHAOS_DURATION s (opt-in: -m soak or CHAOS=soak)"
     )
-    config.addinivalue_line(
-        "markers",
-        "r3_ramp: a percentage ramp on R3 with a node down (opt-in: -m r3_ramp); it still loses "
-        "jobs on nats-server 2.15.1, see the generated README's ramp section",
-    )
     config.stash[_ACCOUNTING] = []
 
 
@@ -55,13 +50,10 @@ def _selected(config: pytest.Config, marker: str) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     run_chaos, run_soak = _selected(config, "chaos"), _selected(config, "soak")
-    run_r3_ramp = "r3_ramp" in str(config.getoption("markexpr", "") or "")
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
-        if item.get_closest_marker("r3_ramp"):
-            drop = not run_r3_ramp
-        elif item.get_closest_marker("soak"):
+        if item.get_closest_marker("soak"):
             drop = not run_soak
         else:
             drop = bool(item.get_closest_marker("chaos")) and not run_chaos

@@ -382,9 +382,11 @@ class LoadPublisher:
         max_in_flight: int = 1024,
         attempt_timeout: float = 2.0,
         give_up_after: float = 45.0,
+        keyed: Callable[[int], bool] | None = None,
     ) -> None:
         self.urls = urls
         self.subject = subject
+        self.keyed = keyed  # which jobs go to <ingress>.<id> (as Producer sends them)
         self.rate = rate
         self.duration = duration
         self.work_seconds = work_seconds
@@ -508,6 +510,7 @@ class LoadPublisher:
         kind = self.kinds(n)
         data = self._payload(n, job_id, kind)
         headers = {"Nats-Msg-Id": job_id}
+        subject = f"{self.subject}.{job_id}" if self.keyed and self.keyed(n) else self.subject
         started = time.time()
         deadline = time.monotonic() + self.give_up_after
         pause = 0.1
@@ -517,7 +520,7 @@ class LoadPublisher:
                 attempts += 1
                 try:
                     ack = await js.publish(
-                        self.subject, data, headers=headers, timeout=self.attempt_timeout
+                        subject, data, headers=headers, timeout=self.attempt_timeout
                     )
                 except Exception as exc:  # no responders / timeout during an election, ...
                     if time.monotonic() + pause >= deadline:

@@ -131,3 +131,17 @@ def test_stored_subjects_lead_back_to_their_ingress() -> None:
     assert names.gen_of_route(names.route_dest(12)) == 12
     assert names.legacy_lane_of_route("shop.v1.>") == "v1"
     assert names.legacy_lane_of_route(names.route_dest(1)) is None
+
+
+def test_unkeyed_jobs_on_a_replicated_stream_get_one_bucket_the_current_lane_keeps() -> None:
+    """Every replica applies the transform itself: a random token would differ per replica."""
+    names = load_settings(subject_root="shop", job_type="notify").names
+    single, replicated = names.route_dest(4), names.route_dest(4, replicated=True)
+    assert "random" in single
+    assert "random" not in replicated
+    assert "partition(100)" in replicated
+    assert names.gen_of_route(replicated) == 4
+    r1, r2 = (int(t) for t in replicated.split(".")[-3:-1])
+    bucket = r1 + 10 * r2  # as the unkeyed filters read it
+    for percent in range(1, 100):
+        assert Split("v1", "v2", percent).lane_of_bucket(bucket) == "v1", percent

@@ -37,6 +37,9 @@ _TOKEN_SAFE = re.compile(r"^[A-Za-z0-9_=-]{1,64}$")
 # nats-server's transform functions are written in double braces; spelled out here because this
 # file is part of a cookiecutter template, which would read them as its own placeholders.
 _OPEN, _CLOSE = "{" * 2, "}" * 2
+# The <r1>.<r2> tokens of unkeyed jobs on a replicated stream: bucket 99, the last the ramping
+# lane gets (split.RANK), so they move with the whole ramp (see Names.route_dest).
+UNKEYED_REPLICATED = "9.9"
 
 
 def _fn(call: str) -> str:
@@ -113,12 +116,21 @@ class Names:
     def generation_prefix(self, gen: int) -> str:
         return f"{self.root}.{self.job_type}.g{gen}"
 
-    def route_dest(self, gen: int) -> str:
-        """The route transform's destination for generation ``gen``."""
+    def route_dest(self, gen: int, *, replicated: bool = False) -> str:
+        """The route transform's destination for generation ``gen``.
+
+        Unkeyed jobs get their bucket from two ``random(10)`` digits, but only on a stream with
+        one replica: every replica of a replicated stream applies the transform itself (the
+        leader replicates the subject as published), so each drew its own digits, and two lane
+        consumers led from different nodes saw one job in different buckets: delivered twice,
+        or by nobody (hundreds lost per ramp step on R3). There the digits are fixed to the
+        bucket ranked last (``UNKEYED_REPLICATED``): unkeyed jobs stay on the current lane until
+        a ramp completes, and keyed jobs, whose bucket is a hash, split as everywhere.
+        """
+        unkeyed = UNKEYED_REPLICATED if replicated else f"{_fn('random(10)')}.{_fn('random(10)')}"
         return (
             f"{self.generation_prefix(gen)}."
-            f"{_fn('partition(10)')}.{_fn('partition(100)')}.{_fn('random(10)')}."
-            f"{_fn('random(10)')}.>"
+            f"{_fn('partition(10)')}.{_fn('partition(100)')}.{unkeyed}.>"
         )
 
     def gen_of_route(self, dest: str) -> int | None:

@@ -25,6 +25,7 @@ from .topology import (
     ensure_consumer,
     ensure_stream,
     gen_of_transform,
+    route_is_current,
     stream_config,
 )
 
@@ -53,7 +54,12 @@ async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport
         if latest is None or latest.revision == state.revision:
             break
         state = latest
-    if state.legacy or gen_of_transform(settings, info.config.subject_transform) != state.gen:
+    live = info.config.subject_transform
+    if (
+        state.legacy
+        or gen_of_transform(settings, live) != state.gen
+        or not route_is_current(settings, live)
+    ):
         state = await reconcile(js, settings, state)  # upgrade, or finish an interrupted step
         if created:
             report.updated.append(f"stream {settings.stream_name} (route generations)")

@@ -3,9 +3,11 @@
 On a work-queue stream an acknowledged job is deleted, so a job that is still stored although
 its lane's consumer acknowledged everything up to a later sequence was skipped: that consumer
 will never deliver it. JetStream does this when a consumer gains a filter for messages it has
-already passed (``ramp-notes``), and the chaos suite saw it on an R3 stream while route steps
-changed the lane consumers' filters under load (hundreds of jobs per run, healthy cluster or
-not). No route step should cause it, but nothing may be lost if one does.
+already passed (``ramp-notes``), and when a replica leads a consumer before it has applied the
+latest route (a node that just restarted). Route steps are ordered so that neither should
+happen, but nothing may be lost if one does. (The hundreds of skipped jobs per R3 ramp step the
+chaos suite once saw had another cause, random buckets drawn per replica: see
+``Names.route_dest``.)
 
 Each instance sweeps its own lane at every route check: one consumer read and one direct read
 per filter when nothing is stranded. A job behind the floor is only a suspect at first: while a
@@ -80,15 +82,6 @@ async def rescue_stranded(
             seq = raw.seq + 1
     for gone in set(suspects) - seen:  # delivered after all, or rescued
         del suspects[gone]
-    if rescued and settings.stream_replicas > 1:
-        # A consumer that skipped jobs it owns may keep doing so (its leader's filters lag its
-        # config); a new leader loads them afresh. Best effort: the next sweep tries again.
-        with contextlib.suppress(Exception):
-            await js._nc.request(  # noqa: SLF001 - the context's own connection
-                f"$JS.API.CONSUMER.LEADER.STEPDOWN.{settings.stream_name}.{durable}",
-                b"",
-                timeout=5,
-            )
     if rescued:
         log.warning(
             "rescued %d job(s) that consumer %s had skipped (stored behind its ack floor %d); "

@@ -41,7 +41,16 @@ log = logging.getLogger(__name__)
 
 def route_transform(settings: Settings, gen: int) -> SubjectTransform:
     """``<root>.jobs.>`` -> generation ``gen`` (see ``naming.py`` for the stored layout)."""
-    return SubjectTransform(src=settings.names.ingress_filter, dest=settings.names.route_dest(gen))
+    dest = settings.names.route_dest(gen, replicated=settings.stream_replicas > 1)
+    return SubjectTransform(src=settings.names.ingress_filter, dest=dest)
+
+
+def route_is_current(settings: Settings, transform: SubjectTransform | None) -> bool:
+    """Whether ``transform`` stamps its generation as this version does (a stream made before
+    unkeyed buckets were fixed on replicated streams gets the new form in place: the filters
+    are the same, only unkeyed jobs stop drawing per-replica random digits)."""
+    gen = gen_of_transform(settings, transform)
+    return gen is not None and transform is not None and transform == route_transform(settings, gen)
 
 
 def gen_of_transform(settings: Settings, transform: SubjectTransform | None) -> int | None:

@@ -465,6 +465,12 @@ def cmd_route(args: argparse.Namespace) -> int:
             print(f"route already is {split}: nothing changed")
         else:
             print(f"new work -> {split} (was {previous}; generation {result.gen})")
+            if result.split.ramping and settings.stream_replicas > 1:
+                print(
+                    f"unkeyed jobs (published to {settings.names.ingress} without a key) stay on "
+                    f"{result.split.current} until the ramp reaches 100 % on a replicated stream; "
+                    "keyed jobs follow the percentage (README, Lanes)"
+                )
             if args.take_backlog:
                 held = (
                     f"; {result.left_in_flight} still held by the old lane's workers "
