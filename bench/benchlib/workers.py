@@ -230,7 +230,9 @@ def specs(
     """The workers under test. ``latency_dir`` selects the recording variants (latency runs):
     each writes ``<latency_dir>/<key>.txt``; the generated worker then runs the bench copy.
     ``lean_credit``: the lean loop's pull window; keep it equal to the generated worker's
-    default window (min(CONCURRENCY, FETCH_BATCH) = 100) for a like-for-like floor."""
+    default window (min(CONCURRENCY, FETCH_BATCH) = 100). With quick jobs the worker also
+    prefetches up to CONCURRENCY more, so ``lean-nats-py-2x`` (twice the credit) is the
+    like-for-like floor for no-op jobs."""
     project = lat if latency_dir is not None else gen
 
     def rec(key: str) -> dict[str, str]:
@@ -317,6 +319,21 @@ def specs(
             [PY, str(WORKERS_DIR / "lean_worker.py")],
             lambda url: clean_env(
                 {"NATS_URL": url, **common, "CREDIT": str(lean_credit), **rec("lean-nats-py")}
+            ),
+            cwd,
+        ),
+        Spec(
+            "lean-nats-py-2x",
+            f"the lean loop with credit {2 * lean_credit}: the generated worker's largest window "
+            "for quick jobs (CONCURRENCY slots plus a prefetch of up to CONCURRENCY)",
+            [PY, str(WORKERS_DIR / "lean_worker.py")],
+            lambda url: clean_env(
+                {
+                    "NATS_URL": url,
+                    **common,
+                    "CREDIT": str(2 * lean_credit),
+                    **rec("lean-nats-py-2x"),
+                }
             ),
             cwd,
         ),

@@ -154,3 +154,24 @@ def test_the_refill_threshold_follows_the_handling_time() -> None:
         assert small._refill == 5  # noqa: SLF001 - never above half of min(CONCURRENCY, FETCH_BATCH)
 
     asyncio.run(go())
+
+
+def test_the_prefetch_covers_a_round_trip_of_quick_jobs_and_is_off_for_slow_ones() -> None:
+    """The window (slots + prefetch) bounds what a worker holds: slow jobs never wait behind
+    a busy slot, quick ones find their next job waiting when a slot frees up."""
+
+    async def go() -> None:
+        worker = make(_noop, concurrency=10, fetch_batch=100)
+        assert worker._window == 10  # noqa: SLF001 - nothing known yet: slots only
+        for _ in range(40):
+            worker._adapt_refill(0.010)  # noqa: SLF001 - 10 ms jobs
+        # the refill (1) plus the jobs 10 slots finish in PULL_LEAD (3 ms): 3 -> 4 in all
+        assert worker._window == 10 + worker._refill + 3  # noqa: SLF001
+        for _ in range(40):
+            worker._adapt_refill(0.00002)  # noqa: SLF001 - quick jobs
+        assert worker._window == 20  # noqa: SLF001 - capped at CONCURRENCY
+        for _ in range(40):
+            worker._adapt_refill(0.3)  # noqa: SLF001 - at PREFETCH_BELOW or slower: none
+        assert worker._window == 10  # noqa: SLF001
+
+    asyncio.run(go())

@@ -7,12 +7,15 @@ the method and the figures; the numbers are in this project's README, "Sizing CO
   No task, queue hop or timer is created per message; a quick handler is awaited inline. One idle
   slot waits on the inbox and the others park, so a burst of quick jobs runs in one step of one
   slot (as a callback subscription would), and a job that suspends hands the rest to parked slots.
-* Pull requests are *credit*: the puller asks for exactly as many messages as there are free slots
-  (never more, so nothing prefetched waits behind a busy slot until ``ack_wait`` runs out), once
-  enough slots are free: half the window (``min(CONCURRENCY, FETCH_BATCH)``) for quick jobs, so
-  the server never serves one pull per freed slot, and fewer as measured handling times grow
-  (``_adapt_refill``), so slots of slow jobs do not idle waiting for others to finish. A request
-  stays open (``expires``) and is refilled as messages arrive, like nats.go's ``Consume()``.
+* Pull requests are *credit*: the puller asks for as many messages as there are free slots, plus
+  a small *prefetch* while jobs are quick, once enough slots are free: half the window
+  (``min(CONCURRENCY, FETCH_BATCH)``) for quick jobs, so the server never serves one pull per
+  freed slot, and fewer as measured handling times grow (``_adapt_refill``), so slots of slow
+  jobs do not idle waiting for others to finish. The prefetch covers the jobs that finish during
+  one pull round trip, so a freed slot finds its next job waiting instead of idling for ~1 ms;
+  it is off for jobs slower than ``PREFETCH_BELOW`` (a job waiting behind a slow one would eat
+  into its ``ack_wait``). A request stays open (``expires``) and is refilled as messages arrive,
+  like nats.go's ``Consume()``.
 * Idle heartbeats on each request tell a live-but-quiet stream from a pull request that died with
   a broker restart (nats.py #504); a dead request's credit is reclaimed and re-issued.
 * One *beat* task, not a timer per message, sends ``in_progress`` for long jobs, cancels handlers
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import signal
 from collections import deque
@@ -54,6 +56,7 @@ from ..errors import (
 )
 from ..evolve.provision import provision
 from ..settings import Settings
+from .acks import AckBatch, ack_batch
 from .context import JobContext, bound_context
 from .dlq import dead_letter
 
@@ -73,6 +76,11 @@ SAMPLE_MASK = 15  # handling times are sampled every SAMPLE_MASK + 1 jobs
 # Pull requests per second a busy worker may send, at most (about): the refill threshold is sized
 # so that CONCURRENCY / handling time / threshold stays under this (see _adapt_refill).
 PULL_RATE_BUDGET = 4000.0
+# Prefetch: jobs asked for beyond the free slots, enough for the completions during PULL_LEAD (a
+# pull round trip, ~1 ms on loopback, with room to spare), at most CONCURRENCY; none for jobs of
+# PREFETCH_BELOW or more, where a round trip is under 1 % of a job and waiting is not free.
+PULL_LEAD = 0.003
+PREFETCH_BELOW = 0.25
 
 
 @dataclass
@@ -146,11 +154,14 @@ class Worker:
         self._forced = asyncio.Event()
         self._slots = [_Slot() for _ in range(settings.concurrency)]
         self._busy = 0  # slots running a job
-        self._credit = 0  # messages requested from the server and not yet delivered
+        self._credit = 0  # messages requested and not yet taken by a slot (queued ones count)
         # Pull once this many slots are free: half the window for quick jobs, fewer for slow
-        # ones (_adapt_refill), never more than free slots at a time.
+        # ones (_adapt_refill); a request asks for the free slots plus the prefetch, at most.
         self._refill_max = max(1, min(settings.fetch_batch, settings.concurrency) // 2)
         self._refill = self._refill_max
+        self._prefetch = 0  # extra credit beyond the slots while jobs are quick (_adapt_refill)
+        self._window = settings.concurrency  # slots + prefetch: the most credit + busy
+        self._inbox: asyncio.Queue[Msg] | None = None
         self._handling = 0.0  # smoothed handling time of a job (seconds), sampled
         self._room = asyncio.Event()
         self._leader = False  # an idle slot is waiting on the inbox
@@ -161,7 +172,7 @@ class Worker:
         self._refused_until = 0.0
         self._refused_logged = 0.0
         self._puller: asyncio.Task[None] | None = None
-        self._send_ack: Callable[[str, str, bytes, int, None], Awaitable[None]] | None = None
+        self._acks: AckBatch | None = None  # None: acks via msg.ack() (see acks.py)
         self._log_jobs = log.isEnabledFor(logging.DEBUG)  # decided once, not per message
         self.last_activity_at = 0.0  # loop time of the last delivery or heartbeat (liveness)
         self.retiring = False  # set by the lane watcher once this lane is routed away from
@@ -350,9 +361,11 @@ class Worker:
         self.stop("internal error")
 
     def _reset_credit(self, why: str) -> None:
-        if self._credit:
+        """Forget the outstanding pull requests; what was delivered and waits keeps its credit."""
+        queued = self._inbox.qsize() if self._inbox is not None else 0
+        if self._credit > queued:
             log.info("re-issuing pull requests (%s)", why)
-        self._credit = 0
+        self._credit = queued
         self._room.set()
 
     async def _consume(self, psub: JetStreamContext.PullSubscription) -> None:
@@ -362,7 +375,8 @@ class Worker:
         # nats-py's byte counter, so its slow-consumer byte limit is switched off (0).
         sub._pending_bytes_limit = 0  # noqa: SLF001
         inbox: asyncio.Queue[Msg] = sub._pending_queue  # noqa: SLF001
-        self._send_ack = _ack_sender(self.nc)
+        self._inbox = inbox
+        self._acks = ack_batch(self.nc)
         for slot in self._slots:
             slot.task = asyncio.create_task(self._run_slot(slot, inbox))
         beat = asyncio.create_task(self._beat())
@@ -388,15 +402,16 @@ class Worker:
     # ----------------------------------------------------------------------------- pulling
 
     async def _pull(self, psub: JetStreamContext.PullSubscription) -> None:
-        """Keep outstanding pull requests equal to the free slots, in chunks of >= _refill."""
+        """Keep outstanding pull requests equal to the free slots (plus the prefetch), in chunks
+        of >= _refill."""
         nc = self.nc
         assert nc is not None
         subject, reply = psub._nms, psub._deliver  # noqa: SLF001
-        concurrency, batch_max = self.settings.concurrency, self.settings.fetch_batch
+        batch_max = self.settings.fetch_batch
         expires, heartbeat = int(PULL_EXPIRES * _NS), int(PULL_HEARTBEAT * _NS)
         rest = f',"expires":{expires},"idle_heartbeat":{heartbeat}'.encode() + b"}"
         while not self.stopping.is_set():
-            free = concurrency - self._busy - self._credit
+            free = self._window - self._busy - self._credit
             if free < self._refill:
                 self._room.clear()
                 await self._room.wait()
@@ -479,13 +494,12 @@ class Worker:
         loop = asyncio.get_running_loop()
         stopping = self.stopping
         parked = self._parked
-        concurrency = self.settings.concurrency
         room = self._room
         # Telemetry off: _process's steps run inline, one coroutine fewer per job (about 2 µs of
         # the chassis's ~5, measured on a fake inbox). Kept step for step in line with _process.
         inline = process == self._process
         validate, handler, context = self.job_model.model_validate_json, self.handler, self._context
-        send_ack = self._send_ack
+        acks = self._acks
         while not stopping.is_set():
             if inbox.empty():
                 if self._leader:  # someone already waits for the next delivery
@@ -532,10 +546,10 @@ class Worker:
                     continue
                 slot.handler_since = 0.0
                 nc = self.nc
-                if send_ack is None or nc is None or nc.is_closed:
+                if acks is None or nc is None or nc.is_closed:
                     await msg.ack()  # raises on a closed connection: not counted as done
                 else:
-                    await send_ack(msg.reply, "", b"", 0, None)
+                    acks.ack(msg.reply)
                 self._done(msg, started, loop)
             except Exception as exc:  # settling failed (connection closed mid-ack, ...)
                 log.warning(
@@ -546,7 +560,7 @@ class Worker:
                 slot.msg = None
                 self._busy -= 1
                 # Wake the puller only once a refill's worth of slots is free, not per job.
-                if concurrency - self._busy - self._credit >= self._refill and not room.is_set():
+                if self._window - self._busy - self._credit >= self._refill and not room.is_set():
                     room.set()
 
     def _promote(self, inbox: asyncio.Queue[Msg]) -> None:
@@ -574,10 +588,10 @@ class Worker:
             return await self._handler_failed(msg, slot, exc)
         slot.handler_since = 0.0
         nc = self.nc
-        if self._send_ack is None or nc is None or nc.is_closed:
+        if self._acks is None or nc is None or nc.is_closed:
             await msg.ack()  # raises on a closed connection: the job is not counted as done
-        else:  # what msg.ack() sends, without re-checking a subject the server wrote
-            await self._send_ack(msg.reply, "", b"", 0, None)
+        else:  # what msg.ack() sends, batched per loop step (acks.py)
+            self._acks.ack(msg.reply)
         self._done(msg, started, loop)
         return None
 
@@ -625,17 +639,25 @@ class Worker:
         So the threshold shrinks as jobs get slower, to what keeps the request rate (about
         CONCURRENCY / handling time / threshold) under PULL_RATE_BUDGET: 1 for jobs of 40 ms and
         more at CONCURRENCY 100, 2-3 for 10 ms jobs, half the window again for jobs under 1 ms.
+
+        Even a threshold of 1 leaves a freed slot idle for a round trip (a cap near 89 % of the
+        limit for 10 ms jobs), so quick jobs also get a prefetch: the refill's worth plus the
+        completions during ``PULL_LEAD``, at most CONCURRENCY.
         """
         handling = self._handling
         handling = took if not handling else handling + (took - handling) * 0.25
         self._handling = handling
-        wanted = self.settings.concurrency / (PULL_RATE_BUDGET * handling) if handling else 0
+        concurrency = self.settings.concurrency
+        wanted = concurrency / (PULL_RATE_BUDGET * handling) if handling else 0
         refill = self._refill_max if wanted >= self._refill_max else max(1, int(wanted + 0.5))
-        if refill != self._refill:
-            self._refill = refill
-            if not self._room.is_set() and (
-                self.settings.concurrency - self._busy - self._credit >= refill
-            ):
+        prefetch = 0
+        if handling < PREFETCH_BELOW:
+            lead = concurrency * PULL_LEAD / handling if handling else concurrency
+            prefetch = min(concurrency, refill + int(lead + 0.999))
+        if refill != self._refill or prefetch != self._prefetch:
+            self._refill, self._prefetch = refill, prefetch
+            self._window = concurrency + prefetch
+            if not self._room.is_set() and self._window - self._busy - self._credit >= refill:
                 self._room.set()
 
     async def _process_traced(
@@ -769,11 +791,13 @@ class Worker:
                 )
             # Expecting word from the server: a pull is open, or slots are free to request one.
             # With every slot busy on long jobs nothing is expected, and silence is healthy.
-            expecting = self._credit > 0 or concurrency - self._busy >= self._refill
+            # Credit already delivered (the prefetch waiting in the inbox) is not expected.
+            outstanding = self._credit - (self._inbox.qsize() if self._inbox is not None else 0)
+            expecting = outstanding > 0 or concurrency - self._busy >= self._refill
             if self._activity != seen or not expecting:
                 seen = self._activity
                 self.last_activity_at = quiet_since = now
-            elif self._credit and now - quiet_since > 3 * PULL_HEARTBEAT:
+            elif outstanding > 0 and now - quiet_since > 3 * PULL_HEARTBEAT:
                 quiet_since = now  # liveness keeps counting from the last real activity
                 self._reset_credit("pull request went silent")
             for slot in self._slots:
@@ -875,28 +899,6 @@ class Worker:
         await self._nak_all([m for m in leftovers if m is not None])
         if self._forced.is_set() and self.lost is None:
             self.exit_code = EXIT_INTERRUPTED
-
-
-def _ack_sender(
-    nc: Client | None,
-) -> Callable[[str, str, bytes, int, None], Awaitable[None]] | None:
-    """nats-py's own PUB writer, which ``msg.ack()`` reaches through ``publish()``.
-
-    ``publish()`` re-validates the subject with a regular expression and re-checks the payload
-    size on every call: about 1 µs per job for an ack subject the server itself wrote and an
-    empty payload. nats-py is held to the tested minor (pyproject), and this looks the method up
-    by name and signature once, so a release that changes it only brings back ``msg.ack()``.
-    """
-    send = getattr(nc, "_send_publish", None)
-    if send is None:
-        return None
-    try:
-        params = list(inspect.signature(send).parameters)
-    except (TypeError, ValueError):
-        return None
-    if params != ["subject", "reply", "payload", "payload_size", "headers"]:
-        return None
-    return send  # type: ignore[no-any-return]
 
 
 def _job_fields(msg: Msg) -> dict[str, object]:
