@@ -178,3 +178,25 @@ def test_secrets_are_hidden_in_the_settings_object(monkeypatch: pytest.MonkeyPat
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("choice", ["uvloop", "asyncio"])
+def test_event_loop_runs_the_worker_on_the_loop_asked_for(
+    monkeypatch: pytest.MonkeyPatch, choice: str
+) -> None:
+    import asyncio
+
+    from {{ cookiecutter.__package_name }}.runtime.operate.cli import _run_async
+
+    settings = load(monkeypatch, EVENT_LOOP=choice)
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert _run_async(loop_module, settings.event_loop) == choice
+
+
+def test_a_bad_event_loop_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = config_error(monkeypatch, EVENT_LOOP="trio")
+    assert "EVENT_LOOP" in message
+    assert "uvloop" in message

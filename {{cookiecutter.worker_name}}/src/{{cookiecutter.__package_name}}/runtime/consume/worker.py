@@ -250,11 +250,12 @@ class Worker:
                 durable=self.settings.names.durable, stream=self.settings.stream_name
             )
             log.info(
-                "started %s lane=%s consumer=%s concurrency=%d",
+                "started %s lane=%s consumer=%s concurrency=%d loop=%s",
                 __version__,
                 self.settings.lane,
                 self.settings.names.durable,
                 self.settings.concurrency,
+                type(asyncio.get_running_loop()).__module__.split(".")[0],
             )
             for hook in self.started_hooks:
                 await hook()
