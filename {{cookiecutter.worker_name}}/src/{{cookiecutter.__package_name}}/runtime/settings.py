@@ -134,7 +134,7 @@ class Settings(BaseSettings):
         ge=1,
         le=10_000,
         description="Jobs handled at once by one instance. For a handler that awaits I/O: the "
-        "jobs/s wanted x (the handler's latency + 1.5 ms), plus 10 % (README, Sizing "
+        "jobs/s wanted x (the handler's latency + 0.7 ms), plus 10 % (README, Sizing "
         "CONCURRENCY).",
     )
     fetch_batch: int = Field(
