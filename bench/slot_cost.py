@@ -77,8 +77,19 @@ def load(src: Path) -> tuple[Any, Any, Any, Any]:
     return worker, settings, job, acks
 
 
-async def time_worker(mods: tuple[Any, Any, Any, Any], n: int, burst: int, batched: bool) -> float:
+def deliveries(nc: StubClient, n: int) -> list[Any]:
+    """``n`` JetStream deliveries of the bench's job, as nats-py builds them."""
     from nats.aio.msg import Msg
+
+    data = json.dumps(PAYLOAD).encode()
+    return [
+        Msg(_client=nc, subject="root.type.g1.0.0.0.0.type", data=data, headers=None,  # type: ignore[arg-type]
+            reply=f"$JS.ACK.STREAM.consumer.1.{i}.{i}.1700000000000000000.0")
+        for i in range(n)
+    ]  # fmt: skip
+
+
+async def time_worker(mods: tuple[Any, Any, Any, Any], n: int, burst: int, batched: bool) -> float:
 
     worker_mod, settings_mod, job_mod, acks_mod = mods
     nc = StubClient()
@@ -94,12 +105,7 @@ async def time_worker(mods: tuple[Any, Any, Any, Any], n: int, burst: int, batch
     worker.nc = nc
     worker._acks = acks_mod.AckBatch(nc, asyncio.get_running_loop()) if batched else None
     inbox: asyncio.Queue[Any] = asyncio.Queue()
-    data = json.dumps(PAYLOAD).encode()
-    msgs = [
-        Msg(_client=nc, subject="root.type.g1.0.0.0.0.type", data=data, headers=None,  # type: ignore[arg-type]
-            reply=f"$JS.ACK.STREAM.consumer.1.{i}.{i}.1700000000000000000.0")
-        for i in range(n)
-    ]  # fmt: skip
+    msgs = deliveries(nc, n)
     tasks = [asyncio.create_task(worker._run_slot(slot, inbox)) for slot in worker._slots]
     for _ in range(10):
         await asyncio.sleep(0)
@@ -120,16 +126,10 @@ async def time_worker(mods: tuple[Any, Any, Any, Any], n: int, burst: int, batch
 
 async def time_floor(n: int, burst: int) -> float:
     """A callback-style consumer's least work per delivery: take it, queue its ack."""
-    from nats.aio.msg import Msg
 
     nc = StubClient()
     nc._flusher_task = asyncio.create_task(nc.flusher())
-    data = json.dumps(PAYLOAD).encode()
-    msgs = [
-        Msg(_client=nc, subject="s", data=data, headers=None,  # type: ignore[arg-type]
-            reply=f"$JS.ACK.STREAM.consumer.1.{i}.{i}.1700000000000000000.0")
-        for i in range(n)
-    ]  # fmt: skip
+    msgs = deliveries(nc, n)
     inbox: asyncio.Queue[Any] = asyncio.Queue()
     count = 0
 

@@ -41,6 +41,11 @@ PROBED = {
     "_nc": "JetStreamContext._nc (its Client)",
     "_send_command": "Client._send_command (a coroutine function writing raw protocol)",
     "_client": "Msg._client (the Client that delivered it; ctx.publish uses it)",
+    "_pending": "Client._pending (the write buffer, a list of bytes; the ack batch appends)",
+    "_pending_data_size": "Client._pending_data_size (bytes in the write buffer)",
+    "_flush_queue": "Client._flush_queue (an asyncio.Queue that wakes the flusher)",
+    "_flusher_task": "Client._flusher_task (the flusher's task)",
+    "_flush_pending": "Client._flush_pending (a coroutine function, when the flusher is gone)",
 }
 END_TO_END = ("tests/chassis/unit", "tests/chassis/integration/test_worker_flow.py")
 
@@ -77,6 +82,11 @@ async def probe(url):
             "_nc": getattr(js, "_nc", None) is nc,
             "_send_command": inspect.iscoroutinefunction(send_command),
             "_client": True,  # checked on a delivered message below
+            "_pending": isinstance(getattr(nc, "_pending", None), list),
+            "_pending_data_size": isinstance(getattr(nc, "_pending_data_size", None), int),
+            "_flush_queue": isinstance(getattr(nc, "_flush_queue", None), asyncio.Queue),
+            "_flusher_task": isinstance(getattr(nc, "_flusher_task", None), asyncio.Task),
+            "_flush_pending": inspect.iscoroutinefunction(getattr(nc, "_flush_pending", None)),
         }
         missing = [name for name, ok in checks.items() if not ok]
         if not missing:  # the hot path's use of them: a hand-made pull request fills the queue
@@ -89,6 +99,18 @@ async def probe(url):
                     missing.append("a pull request to _nms delivers the job into _pending_queue")
                 if getattr(msg, "_client", None) is not nc:
                     missing.append("_client")
+                # the ack batch's write: a PUB appended to the buffer, the flusher woken
+                cmd = f"PUB {msg.reply} 0\r\n\r\n".encode()
+                nc._pending.append(cmd)
+                nc._pending_data_size += len(cmd)
+                nc._flush_queue.put_nowait(asyncio.get_running_loop().create_future())
+                for _ in range(50):
+                    info = await js.consumer_info("PROBE", "probe")
+                    if info.num_ack_pending == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    missing.append("an ack appended to _pending and flushed reaches JetStream")
             except asyncio.TimeoutError:
                 missing.append("a pull request to _nms delivers into _pending_queue")
             # the DLQ's exact publish: raw PUB through _send_command, acked by JetStream

@@ -56,12 +56,13 @@ class AckBatch:
         if not nc.is_connected:  # kept in the buffer: nats-py writes it after the reconnect
             return
         flusher = nc._flusher_task  # noqa: SLF001
+        loop = self._loop
         if flusher is None or flusher.done():  # as nats-py does: flush without the flusher
-            self._loop.create_task(nc._flush_pending())  # noqa: SLF001
+            loop.create_task(nc._flush_pending())  # noqa: SLF001
             return
         queue = nc._flush_queue  # noqa: SLF001
         if queue is not None and queue.empty():
-            queue.put_nowait(self._loop.create_future())
+            queue.put_nowait(loop.create_future())
 
 
 def ack_batch(nc: Client | None) -> AckBatch | None:
