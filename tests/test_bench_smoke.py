@@ -1,8 +1,9 @@
 """The benchmark harness cannot rot: a quick run in CI, asserting completion, not timings.
 
-``python bench/run.py --quick`` measures every worker (generated, with metrics, with tracing,
-the lean nats-py floor, raw nats-py, FastStream) on small N, plus latency (at handler start and
-at ack), a route switch and one small I/O-bound cell, and writes ``bench/results/raw/quick.json``.
+``python bench/run.py --quick`` measures every worker (generated, on uvloop, with metrics, with
+tracing, the lean nats-py floor at two windows, raw nats-py, FastStream) on small N, plus latency
+(at handler start and at ack), a route switch and one small I/O-bound cell, and writes
+``bench/results/raw/quick.json``.
 Speed belongs to the full run and the README, never to a test.
 """
 
@@ -20,11 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = {
     "generated",
     "generated+metrics",
-    "generated+asyncio",
+    "generated+uvloop",
     "generated+tracing",
     "generated+tracing+sink",
     "generated+tracing+sink+10%",
     "lean-nats-py",
+    "lean-nats-py-2x",
     "raw-nats-py",
     "faststream",
 }

@@ -7,7 +7,6 @@ worker against a server URL, and may say why it has to be skipped on this checko
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -269,15 +268,10 @@ def specs(
             cwd,
         ),
         Spec(
-            "generated+asyncio",
-            "generated worker on plain asyncio: `import uvloop` fails (workers/no_uvloop/ on "
-            "PYTHONPATH), so it takes its own asyncio fallback",
+            "generated+uvloop",
+            "generated worker on uvloop (EVENT_LOOP=uvloop; the default is plain asyncio)",
             project.cli("run"),
-            lambda url: project.env(
-                url,
-                **rec("generated+asyncio"),
-                PYTHONPATH=os.pathsep.join([str(project.src), str(WORKERS_DIR / "no_uvloop")]),
-            ),
+            lambda url: project.env(url, **rec("generated+uvloop"), EVENT_LOOP="uvloop"),
             cwd,
         ),
         Spec(
