@@ -1,6 +1,6 @@
 """The benchmark harness cannot rot: a quick run in CI, asserting completion, not timings.
 
-``python bench/run.py --quick`` measures every worker (generated, on uvloop, with metrics, with
+``python bench/run.py --quick`` measures every worker (generated, on asyncio, with metrics, with
 tracing, the lean nats-py floor at two windows, raw nats-py, FastStream) on small N, plus latency
 (at handler start and at ack), a route switch and one small I/O-bound cell, and writes
 ``bench/results/raw/quick.json``.
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = {
     "generated",
     "generated+metrics",
-    "generated+uvloop",
+    "generated+asyncio",
     "generated+tracing",
     "generated+tracing+sink",
     "generated+tracing+sink+10%",

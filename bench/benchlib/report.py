@@ -77,7 +77,7 @@ def ratios(summary: dict[str, Any]) -> dict[str, float | None]:
         "generated / raw-nats-py": r("generated", "raw-nats-py"),
         "generated / faststream": r("generated", "faststream"),
         "generated+metrics / generated": r("generated+metrics", "generated"),
-        "generated+uvloop / generated": r("generated+uvloop", "generated"),
+        "generated+asyncio / generated": r("generated+asyncio", "generated"),
         "generated+tracing / generated": r("generated+tracing", "generated"),
         "generated+tracing+sink / generated": r("generated+tracing+sink", "generated"),
         "generated+tracing+sink+10% / generated": r("generated+tracing+sink+10%", "generated"),

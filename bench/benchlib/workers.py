@@ -120,7 +120,18 @@ def generate(template: Path, out: Path) -> Project:
          f"worker_name={WORKER_NAME}"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
-    return Project(out / WORKER_NAME)
+    return precompiled(Project(out / WORKER_NAME))
+
+
+def precompiled(project: Project) -> Project:
+    """Byte-compile the project's sources, as installing the image's wheel does: otherwise the
+    first run of each worker compiles them at start-up, which costs ~1.3 MB of peak RSS (run 0
+    peaked at 40.7-42.9 MB, the later runs at 39.3-41.6) and start-up time no image pays."""
+    subprocess.run(
+        [PY, "-m", "compileall", "-q", str(project.src)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return project
 
 
 def install(project: Project, stamp: Path) -> str:
@@ -158,7 +169,7 @@ def bench_copy(project: Project, out: Path) -> Project:
     shutil.copytree(project.root, out / project.root.name)
     copy = Project(out / project.root.name)
     shutil.copyfile(WORKERS_DIR / "latency_handler.py", copy.src / PACKAGE / "handler.py")
-    return copy
+    return precompiled(copy)
 
 
 def io_copy(project: Project, out: Path) -> Project:
@@ -169,7 +180,7 @@ def io_copy(project: Project, out: Path) -> Project:
     shutil.copytree(project.root, out / project.root.name)
     copy = Project(out / project.root.name)
     shutil.copyfile(WORKERS_DIR / "io_handler.py", copy.src / PACKAGE / "handler.py")
-    return copy
+    return precompiled(copy)
 
 
 def job_fields(project: Project) -> list[str] | None:
@@ -268,10 +279,10 @@ def specs(
             cwd,
         ),
         Spec(
-            "generated+uvloop",
-            "generated worker on uvloop (EVENT_LOOP=uvloop; the default is plain asyncio)",
+            "generated+asyncio",
+            "generated worker on plain asyncio (EVENT_LOOP=asyncio; the default is uvloop)",
             project.cli("run"),
-            lambda url: project.env(url, **rec("generated+uvloop"), EVENT_LOOP="uvloop"),
+            lambda url: project.env(url, **rec("generated+asyncio"), EVENT_LOOP="asyncio"),
             cwd,
         ),
         Spec(
