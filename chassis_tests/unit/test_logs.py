@@ -61,14 +61,31 @@ def parse(line: str) -> dict[str, Any]:
 def root_logging() -> Iterator[None]:
     """setup_logging rewires the root logger: put it back afterwards."""
     root = logging.getLogger()
-    nats_log = logging.getLogger("nats.aio.client")
-    saved = (root.handlers[:], root.level, nats_log.level)
+    nats_log, asyncio_log = logging.getLogger("nats.aio.client"), logging.getLogger("asyncio")
+    saved = (root.handlers[:], root.level, nats_log.level, asyncio_log.level)
     try:
         yield
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         nats_log.setLevel(saved[2])
+        asyncio_log.setLevel(saved[3])
+
+
+def test_debug_logging_leaves_out_the_event_loops_internals(
+    root_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A one-shot command at LOG_LEVEL=DEBUG prints its result once: asyncio's own DEBUG line
+    ("Using selector: EpollSelector", at every loop start) is not the worker's to log."""
+    setup_logging("DEBUG", "json")
+
+    async def nothing() -> None:
+        return None
+
+    cli._run_async(nothing, "asyncio")  # noqa: SLF001 - the loop the CLI's commands run on
+    logging.getLogger("test.logs").debug("ours")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [parse(line)["msg"] for line in lines] == ["ours"]
 
 
 # --------------------------------------------------------------------------------- JSON lines

@@ -75,3 +75,6 @@ def setup_logging(level: str, fmt: str, **static: Any) -> None:
     root.setLevel(level)
     # nats-py logs every reconnect attempt at ERROR; our own callbacks say it once, clearly.
     logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
+    # asyncio's DEBUG lines are the event loop's internals ("Using selector: ..." each time a
+    # loop starts), not the worker's: even at LOG_LEVEL=DEBUG a command prints its result once.
+    logging.getLogger("asyncio").setLevel(logging.INFO)
