@@ -34,6 +34,7 @@ from .routing import (
     RouteState,
     StateChangedError,
     describe_split,
+    kv_write,
     lane_filters,
     prune,
     read_state,
@@ -90,14 +91,14 @@ class RouteChange:
 
 async def record(js: JetStreamContext, settings: Settings, change: RouteChange) -> None:
     kv = await js.key_value(settings.names.route_bucket)
-    await kv.put(ROUTE_KEY, json.dumps(asdict(change)).encode())
+    await kv_write(lambda: kv.put(ROUTE_KEY, json.dumps(asdict(change)).encode()))
 
 
 async def record_first(js: JetStreamContext, settings: Settings, change: RouteChange) -> None:
     """Record the initial route once, even when several instances provision at the same time."""
     kv = await js.key_value(settings.names.route_bucket)
     with contextlib.suppress(KeyWrongLastSequenceError):
-        await kv.create(ROUTE_KEY, json.dumps(asdict(change)).encode())
+        await kv_write(lambda: kv.create(ROUTE_KEY, json.dumps(asdict(change)).encode()))
 
 
 async def history(js: JetStreamContext, settings: Settings) -> list[RouteChange]:

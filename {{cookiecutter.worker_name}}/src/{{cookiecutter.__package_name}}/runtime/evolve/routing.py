@@ -24,18 +24,23 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamInfo
 from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
+    NoStreamResponseError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
 
+from ..consume.retrying import retry
 from ..names import WORKER_NAME
 from ..settings import Settings
 from .split import Split, generation_filters
@@ -43,6 +48,23 @@ from .topology import ensure_bucket
 
 log = logging.getLogger(__name__)
 STATE_KEY = "split"
+KV_PATIENCE = 20.0  # seconds a route KV write waits for its bucket's stream to have a leader
+T = TypeVar("T")
+
+
+async def kv_write(call: Callable[[], Awaitable[T]]) -> T:
+    """A write to the route's KV bucket that rides out its stream's leader election.
+
+    Only "no responders" is retried: nothing was stored, so the write can be repeated as is. On
+    a replicated bucket created a moment earlier (a worker's first start on a cluster) the chaos
+    suite saw the first write find no leader yet. A timeout is not retried: a compare-and-set
+    that did land would then fail as "changed meanwhile" and be read as someone else's step.
+    """
+
+    async def nobody_answered(exc: Exception) -> bool:
+        return isinstance(exc, NoStreamResponseError | NoRespondersError)
+
+    return await retry(call, patience=KV_PATIENCE, should_retry=nobody_answered)
 
 
 class StateChangedError(Exception):
@@ -162,9 +184,11 @@ async def write_state(js: JetStreamContext, settings: Settings, state: RouteStat
     kv = await _bucket(js, settings)
     try:
         if state.revision:
-            revision = await kv.update(STATE_KEY, state.to_json(), last=state.revision)
+            revision = await kv_write(
+                lambda: kv.update(STATE_KEY, state.to_json(), last=state.revision)
+            )
         else:
-            revision = await kv.create(STATE_KEY, state.to_json())
+            revision = await kv_write(lambda: kv.create(STATE_KEY, state.to_json()))
     except KeyWrongLastSequenceError:
         raise StateChangedError("the route changed meanwhile") from None
     return replace(state, revision=int(revision))
