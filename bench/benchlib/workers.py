@@ -250,6 +250,16 @@ def specs(
             return {}
         return {"BENCH_LATENCY_OUT": str(latency_dir / f"{key}.txt")}
 
+    def lean(key: str, credit: int, what: str) -> Spec:
+        """The lean loop (workers/lean_worker.py) with a pull window of ``credit``."""
+        return Spec(
+            key,
+            what,
+            [PY, str(WORKERS_DIR / "lean_worker.py")],
+            lambda url: clean_env({"NATS_URL": url, **common, "CREDIT": str(credit), **rec(key)}),
+            cwd,
+        )
+
     common = {
         "STREAM_NAME": topo.stream,
         "DURABLE": topo.durable,
@@ -316,31 +326,19 @@ def specs(
             cwd,
             skip=tracing_skip or (None if otlp_sink else "skipped: no OTLP sink running"),
         ),
-        Spec(
+        lean(
             "lean-nats-py",
-            f"lean nats-py (the floor): callback inbox, pull requests kept outstanding (credit "
-            f"{lean_credit}, refilled at half), status messages return credit, one ack per "
-            "message, uvloop",
-            [PY, str(WORKERS_DIR / "lean_worker.py")],
-            lambda url: clean_env(
-                {"NATS_URL": url, **common, "CREDIT": str(lean_credit), **rec("lean-nats-py")}
-            ),
-            cwd,
+            lean_credit,
+            f"lean nats-py (the floor): callback inbox, pull "
+            f"requests kept outstanding (credit {lean_credit}, refilled at half), status "
+            "messages return credit, one ack per message, uvloop",
         ),
-        Spec(
+        lean(
             "lean-nats-py-2x",
-            f"the lean loop with credit {2 * lean_credit}: the generated worker's largest window "
-            "for quick jobs (CONCURRENCY slots plus a prefetch of up to CONCURRENCY)",
-            [PY, str(WORKERS_DIR / "lean_worker.py")],
-            lambda url: clean_env(
-                {
-                    "NATS_URL": url,
-                    **common,
-                    "CREDIT": str(2 * lean_credit),
-                    **rec("lean-nats-py-2x"),
-                }
-            ),
-            cwd,
+            2 * lean_credit,
+            f"the lean loop with credit {2 * lean_credit}: "
+            "the generated worker's largest window for quick jobs (CONCURRENCY slots plus a "
+            "prefetch of up to CONCURRENCY)",
         ),
         Spec(
             "raw-nats-py",

@@ -18,6 +18,9 @@ class BufferOnly:
         self._flusher_task: Any = asyncio.get_running_loop().create_future()  # "running"
         self.is_connected = connected
 
+    async def _flush_pending(self) -> None:  # what flushes when the flusher task is gone
+        self._pending, self._pending_data_size = [], 0
+
 
 def test_acks_of_one_step_become_one_write_and_one_flusher_wake_up() -> None:
     async def go() -> None:

@@ -8,9 +8,10 @@ own write buffer once, where its flusher writes them (and, after a reconnect, re
 any other publish. The batch goes out at the end of the step that acknowledged the jobs: what
 nats-py's flusher does anyway, so no ack waits longer than before.
 
-Built on three attributes of nats-py's ``Client`` (``_pending``, ``_pending_data_size``,
-``_flush_queue``), looked up once: a nats-py release without them gets ``None`` here and the
-worker falls back to ``msg.ack()``.
+Built on nats-py ``Client`` internals (``_pending``, ``_pending_data_size``, ``_flush_queue``,
+``_flusher_task``, ``_flush_pending``), checked once: a nats-py release without them gets
+``None`` here and the worker falls back to ``msg.ack()``. The template's newest-nats-py probe
+checks them against every new release.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import logging
 from nats.aio.client import Client
 
 log = logging.getLogger(__name__)
-_NEEDS = ("_pending", "_pending_data_size", "_flush_queue", "_flusher_task", "is_connected")
+_NEEDS = (
+    "_pending",
+    "_pending_data_size",
+    "_flush_queue",
+    "_flusher_task",
+    "_flush_pending",
+    "is_connected",
+)
 
 
 class AckBatch:

@@ -361,9 +361,14 @@ class Worker:
         self.exit_code = EXIT_FAILURE
         self.stop("internal error")
 
+    def _queued(self) -> int:
+        """Deliveries waiting in the inbox for a slot (the prefetch, mostly): credit the server
+        has already honoured."""
+        return self._inbox.qsize() if self._inbox is not None else 0
+
     def _reset_credit(self, why: str) -> None:
         """Forget the outstanding pull requests; what was delivered and waits keeps its credit."""
-        queued = self._inbox.qsize() if self._inbox is not None else 0
+        queued = self._queued()
         if self._credit > queued:
             log.info("re-issuing pull requests (%s)", why)
         self._credit = queued
@@ -793,7 +798,7 @@ class Worker:
             # Expecting word from the server: a pull is open, or slots are free to request one.
             # With every slot busy on long jobs nothing is expected, and silence is healthy.
             # Credit already delivered (the prefetch waiting in the inbox) is not expected.
-            outstanding = self._credit - (self._inbox.qsize() if self._inbox is not None else 0)
+            outstanding = self._credit - self._queued()
             expecting = outstanding > 0 or concurrency - self._busy >= self._refill
             if self._activity != seen or not expecting:
                 seen = self._activity

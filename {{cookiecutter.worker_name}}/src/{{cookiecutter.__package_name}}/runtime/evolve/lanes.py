@@ -41,7 +41,7 @@ from .routing import (
     write_state,
 )
 from .split import Split
-from .topology import consumer_filters, gen_of_transform, route_is_current, route_transform
+from .topology import consumer_filters, route_transform, routes_as
 
 log = logging.getLogger(__name__)
 ROUTE_KEY = "route"
@@ -195,8 +195,7 @@ async def reconcile(js: JetStreamContext, settings: Settings, state: RouteState)
     then drop emptied generations (and their filters). Resumes a step that was interrupted."""
     await sync_consumers(js, settings, state)
     info = await patiently(lambda: js.stream_info(settings.stream_name), "reading the stream")
-    live = gen_of_transform(settings, info.config.subject_transform)
-    if live != state.gen or not route_is_current(settings, info.config.subject_transform):
+    if not routes_as(settings, info.config.subject_transform, state.gen):
         config = info.config
         config.subject_transform = route_transform(settings, state.gen)
         config.subjects = settings.names.stream_subjects

@@ -24,8 +24,7 @@ from .topology import (
     dlq_config,
     ensure_consumer,
     ensure_stream,
-    gen_of_transform,
-    route_is_current,
+    routes_as,
     stream_config,
 )
 
@@ -54,12 +53,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport
         if latest is None or latest.revision == state.revision:
             break
         state = latest
-    live = info.config.subject_transform
-    if (
-        state.legacy
-        or gen_of_transform(settings, live) != state.gen
-        or not route_is_current(settings, live)
-    ):
+    if state.legacy or not routes_as(settings, info.config.subject_transform, state.gen):
         state = await reconcile(js, settings, state)  # upgrade, or finish an interrupted step
         if created:
             report.updated.append(f"stream {settings.stream_name} (route generations)")

@@ -45,17 +45,11 @@ def route_transform(settings: Settings, gen: int) -> SubjectTransform:
     return SubjectTransform(src=settings.names.ingress_filter, dest=dest)
 
 
-def route_is_current(settings: Settings, transform: SubjectTransform | None) -> bool:
-    """Whether ``transform`` stamps its generation as this version does (a stream made before
-    unkeyed buckets were fixed on replicated streams gets the new form in place: the filters
-    are the same, only unkeyed jobs stop drawing per-replica random digits)."""
-    gen = gen_of_transform(settings, transform)
-    return gen is not None and transform is not None and transform == route_transform(settings, gen)
-
-
-def gen_of_transform(settings: Settings, transform: SubjectTransform | None) -> int | None:
-    """The generation a stream's transform stamps on new work; None for another layout."""
-    return None if transform is None else settings.names.gen_of_route(transform.dest)
+def routes_as(settings: Settings, transform: SubjectTransform | None, gen: int) -> bool:
+    """Whether the stream's ``transform`` stamps new work as generation ``gen`` does in this
+    version's layout. Anything else (another generation, the layout before generations, or a
+    stream made before unkeyed buckets were fixed on replicated streams) is rewritten in place."""
+    return transform == route_transform(settings, gen)
 
 
 def stream_config(settings: Settings, gen: int) -> StreamConfig:

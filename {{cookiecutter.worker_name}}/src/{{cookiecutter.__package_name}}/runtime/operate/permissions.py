@@ -51,8 +51,6 @@ def subjects(settings: Settings) -> dict[str, list[str]]:
             f"{api}.CONSUMER.LIST.{name}",
             f"{api}.CONSUMER.NAMES.{name}",
         ]
-    # an instance that finds jobs its consumer skipped asks for a new consumer leader
-    publish += [f"{api}.CONSUMER.LEADER.STEPDOWN.{stream}.>"]
     for name in kv:
         publish += [
             f"{api}.DIRECT.GET.{name}",
