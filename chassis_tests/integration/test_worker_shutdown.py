@@ -134,6 +134,51 @@ def test_delivered_but_unstarted_jobs_are_handed_back_in_process(worker_env: Wor
 
 
 @pytest.mark.timeout(60)
+def test_jobs_prefetched_for_busy_slots_are_handed_back_at_the_stop(worker_env: WorkerEnv) -> None:
+    """CONCURRENCY=4 and quick jobs: once the handling time is known the worker asks for more
+    than its free slots (the prefetch). With every slot held by a job, jobs wait in the inbox;
+    a stop hands exactly those back (nak), a plain consumer gets them at once (ACK_WAIT=30), and
+    the four running jobs still finish. Without the prefetch nothing would wait there."""
+    env = worker_env
+    env.provision(ACK_WAIT=30)
+    env.publish([{"id": f"prefetch-{i}"} for i in range(200)])
+    settings = env.settings(concurrency=4, fetch_batch=100, ack_wait=30)
+    started: list[str] = []
+
+    async def run() -> tuple[Worker, int]:
+        gate = asyncio.Event()
+
+        async def handler(job: Job, ctx: JobContext[Any]) -> None:
+            started.append(job.id)
+            if len(started) > 100:  # by now the handling time is sampled: the prefetch is on
+                await gate.wait()
+
+        worker = Worker(settings, Job, handler, install_signal_handlers=False)
+        task = asyncio.create_task(worker.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while not (len(started) >= 104 and worker._queued()):  # noqa: SLF001
+            assert loop.time() < deadline, f"{len(started)} started, nothing waits in the inbox"
+            await asyncio.sleep(0.01)
+        waiting = worker._queued()  # noqa: SLF001 - deliveries beyond the 4 busy slots
+        worker.stop("test: stop with every slot busy")
+        gate.set()
+        assert await asyncio.wait_for(task, timeout=30) == 0
+        return worker, waiting
+
+    worker, waiting = asyncio.run(run())
+    handed_back = worker.counters.handed_back
+    assert handed_back >= waiting >= 1
+    assert worker.counters.processed == len(started)  # the four running jobs finished
+    env.wait_stored(200 - len(started))  # the rest, handed back ones included, is still stored
+    msgs, took = fetch_now(env, handed_back, timeout=10)
+    assert took < 5, f"handed back at once, not after ACK_WAIT=30 (took {took:.1f}s)"
+    assert len(msgs) == handed_back
+    assert all(m.metadata.num_delivered == 2 for m in msgs)
+    assert not {(m.headers or {}).get("Nats-Msg-Id") for m in msgs} & set(started)
+
+
+@pytest.mark.timeout(60)
 def test_second_sigterm_exits_130_and_hands_running_jobs_back(worker_env: WorkerEnv) -> None:
     env = worker_env
     worker = env.spawn(DRAIN_TIMEOUT=60, ACK_WAIT=30)
