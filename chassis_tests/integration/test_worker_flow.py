@@ -72,6 +72,36 @@ def test_happy_path_every_job_processed_once(worker_env: WorkerEnv) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_status_shows_a_working_lanes_live_figures(worker_env: WorkerEnv) -> None:
+    """``status --json`` while a lane works: jobs in flight, succeeded and failed over the recent
+    window, p50/p95 handling time and a drain ETA for its backlog; the instance is running."""
+    env = worker_env
+    env.provision()
+    worker = env.spawn(CONCURRENCY=2, HEARTBEAT_INTERVAL=0.5)
+    quick = [f"live-q{i:02d}" for i in range(40)]
+    env.cli_ok("publish", json.dumps([{"id": i, "work_seconds": 0.01} for i in quick]))
+    worker.wait_done(quick)
+    slow = [{"id": f"live-s{i}", "work_seconds": 3} for i in range(6)]
+    env.cli_ok("publish", json.dumps(slow))
+
+    def working() -> Record | None:
+        status = json.loads(env.cli_ok("status", "--json"))
+        [row] = status["lanes"]
+        # (the prefetch holds a job or two more than the slots: pending is what is left)
+        busy = row["in_flight"] == 2 and row["pending"] > 0 and row["drain_eta_s"]
+        return {**row, "instances": status["instances"]} if busy else None
+
+    row = wait_until(working, 15, "status to show two jobs in flight and a drain ETA")
+    assert row["succeeded"] >= 40, row
+    assert row["failed"] == 0, row
+    assert row["rate_per_s"] > 0, row
+    assert 0 < row["p50_ms"] <= row["p95_ms"], row
+    assert row["drain_eta_s"] == round(row["pending"] / row["rate_per_s"], 1), row
+    assert [i["state"] for i in row["instances"]] == ["running"], row["instances"]
+    assert worker.stop() == 0
+
+
+@pytest.mark.timeout(60)
 def test_publishing_the_same_id_twice_stores_it_once(worker_env: WorkerEnv) -> None:
     env = worker_env
     env.provision()
